@@ -1,0 +1,97 @@
+"""`braintumor` command line: parses arguments and calls one component. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from components.config import Params, load_params
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Params], object]] = {}
+
+
+def command(name: str):
+    def register(function):
+        COMMANDS[name] = function
+        return function
+    return register
+
+
+def _print(result: object) -> None:
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+
+
+@command("data import")
+def _data_import(args, params):
+    from components.data_import import import_dataset
+
+    return import_dataset(args.source, params.paths.raw)
+
+
+@command("manifest")
+def _manifest(args, params):
+    from components.manifest import write_manifest
+
+    frame = write_manifest(params.paths.raw, params.paths.manifest, params.manifest)
+    return {"files": len(frame), "unreadable": int((~frame.readable).sum()), "out": str(params.paths.manifest)}
+
+
+@command("validate")
+def _validate(args, params):
+    import pandas as pd
+
+    from components.validate import validate_manifest
+
+    return validate_manifest(pd.read_parquet(params.paths.manifest), params.validate_params, params.data.classes,
+                             params.paths.validation_reports, params.paths.quarantine,
+                             params.paths.validation_summary)
+
+
+@command("split")
+def _split(args, params):
+    from components.split import write_splits
+
+    return write_splits(params.paths, params.split, params.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="braintumor", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param for this run, e.g. -S train.epochs=2 (repeatable)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="data set management").add_subparsers(dest="data_command", required=True)
+    data_import = data.add_parser("import", help="copy a Kaggle-layout data set into data/raw and `dvc add` it")
+    data_import.add_argument("--source", required=True,
+                             help="a folder, a .zip, or kaggle:masoudnickparvar/brain-tumor-mri-dataset")
+
+    sub.add_parser("manifest", help="scan data/raw into data/manifest.parquet")
+    sub.add_parser("validate", help="Great Expectations checks; writes quarantine and Data Docs")
+    sub.add_parser("split", help="leakage-free train/val/test CSVs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = args.command + (f" {args.data_command}" if args.command == "data" else "")
+    name = name + (f" {args.flow_command}" if args.command == "flow" else "")
+    try:
+        params = load_params(Path(args.params), args.overrides)
+        _print(COMMANDS[name](args, params))
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        print(f"braintumor {name}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Typed view of params.yaml. Every component takes one of these sections, never a raw dict."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(Section):
+    raw: Path
+    manifest: Path
+    quarantine: Path
+    validation_reports: Path
+    validation_summary: Path
+    splits: Path
+    split_report: Path
+    split_removed: Path
+    split_validation: Path
+    models: Path
+    predictions: Path
+    metrics: Path
+    plots: Path
+    checkpoints: Path
+
+
+class DataParams(Section):
+    classes: list[str]
+
+
+class ManifestParams(Section):
+    hash_size: int = Field(gt=1)
+    max_image_pixels: int = Field(gt=0)
+    workers: int = Field(ge=1)
+
+
+class ValidateParams(Section):
+    min_side: int
+    max_side: int
+    allowed_modes: list[str]
+    min_class_share: float = Field(ge=0, le=1)
+    max_class_share: float = Field(ge=0, le=1)
+    max_quarantine_share: float = Field(ge=0, le=1)
+
+
+class SplitParams(Section):
+    near_duplicate_distance: int = Field(ge=0)
+    clean_distance: int = Field(ge=0)
+    val_fraction: float = Field(gt=0, lt=1)
+
+
+class Params(Section):
+    seed: int
+    paths: Paths
+    data: DataParams
+    manifest: ManifestParams
+    validate_: ValidateParams = Field(alias="validate")
+    split: SplitParams
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    @property
+    def validate_params(self) -> ValidateParams:
+        return self.validate_
+
+    def digest(self) -> str:
+        """Short hash of every value, recorded on MLflow runs and registered versions."""
+        text = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (values parsed as YAML), as `dvc exp run -S` does."""
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ValueError(f"override {override!r} is not of the form section.key=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise KeyError(f"override {override!r}: params has no section {part!r}")
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"override {override!r}: params has no key {key!r}")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run from the project root or pass --params PATH")
+    raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides or [])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(f"{path} is invalid:\n{exc}") from None
+
+
+Split = Literal["train", "val", "test"]

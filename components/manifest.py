@@ -1,0 +1,84 @@
+"""Scan data/raw into a table: one row per file, readable or not. Nothing under raw is modified."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import imagehash
+import pandas as pd
+from tqdm import tqdm
+
+from components.config import ManifestParams
+from components.images import ImageError, open_image
+
+OFFICIAL_SPLITS = {"Training": "train", "Testing": "test"}
+
+
+@dataclass
+class ManifestRow:
+    path: str  # relative to the raw root, POSIX style
+    label: str
+    official_split: str
+    width: float | None
+    height: float | None
+    mode: str | None
+    bytes: int
+    content_hash: str
+    dhash: str | None
+    readable: bool
+    error: str | None
+    link_escapes: bool  # a symlink pointing outside the raw tree
+
+
+def list_files(raw_dir: Path) -> list[Path]:
+    """Files in Training/<class>/ and Testing/<class>/, skipping hidden files and folders (.ipynb_checkpoints)."""
+    files = []
+    for split_dir in OFFICIAL_SPLITS:
+        root = raw_dir / split_dir
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} is missing: {raw_dir} must hold Training/<class>/ and Testing/<class>/")
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+    return files
+
+
+def _scan(args: tuple[Path, Path, ManifestParams]) -> ManifestRow:
+    path, raw_dir, params = args
+    relative = path.relative_to(raw_dir)
+    official_split = OFFICIAL_SPLITS[relative.parts[0]]
+    label = relative.parts[1] if len(relative.parts) > 2 else ""
+    link_escapes = path.is_symlink() and not path.resolve().is_relative_to(raw_dir.resolve())
+    base = dict(path=relative.as_posix(), label=label, official_split=official_split, link_escapes=link_escapes)
+    if link_escapes:
+        return ManifestRow(**base, width=None, height=None, mode=None, bytes=0, content_hash="", dhash=None,
+                           readable=False, error=f"symlink leaves the data tree (-> {path.resolve()})")
+    data = path.read_bytes()
+    row = dict(base, bytes=len(data), content_hash=hashlib.sha256(data).hexdigest())
+    try:
+        image = open_image(data, params.max_image_pixels)
+    except ImageError as exc:
+        return ManifestRow(**row, width=None, height=None, mode=None, dhash=None, readable=False, error=str(exc))
+    return ManifestRow(**row, width=image.width, height=image.height, mode=image.mode,
+                       dhash=str(imagehash.dhash(image, hash_size=params.hash_size)), readable=True, error=None)
+
+
+def build_manifest(raw_dir: Path, params: ManifestParams) -> pd.DataFrame:
+    raw_dir = Path(raw_dir)
+    files = list_files(raw_dir)
+    jobs = [(f, raw_dir, params) for f in files]
+    with ProcessPoolExecutor(params.workers) as pool:
+        rows = list(tqdm(pool.map(_scan, jobs, chunksize=64), total=len(jobs), desc="manifest", unit="img",
+                         disable=None))
+    return pd.DataFrame([asdict(r) for r in rows], columns=list(ManifestRow.__dataclass_fields__))
+
+
+def write_manifest(raw_dir: Path, out: Path, params: ManifestParams) -> pd.DataFrame:
+    frame = build_manifest(raw_dir, params)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(out, index=False)
+    return frame

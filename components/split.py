@@ -1,0 +1,97 @@
+"""Leakage-free splits: official Testing stays `test`; train/val come from what is left of Training once every
+exact or near duplicate of a test image is dropped; duplicate groups never straddle train and val."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.model_selection import StratifiedGroupKFold
+
+from components.config import Paths, SplitParams
+from components.validate import check_split_leakage
+
+SPLIT_COLUMNS = ["path", "label", "content_hash", "dhash", "group"]
+
+
+def hash_bits(hashes: pd.Series) -> np.ndarray:
+    """Hex perceptual hashes -> (n, bits) float32 matrix of 0/1, so Hamming distances are two matmuls."""
+    return np.array([np.unpackbits(np.frombuffer(bytes.fromhex(h), dtype=np.uint8)) for h in hashes],
+                    dtype=np.float32).reshape(len(hashes), -1)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise Hamming distances between the rows of two bit matrices."""
+    return (a @ (1 - b).T + (1 - a) @ b.T).astype(np.int32)
+
+
+def duplicate_groups(bits: np.ndarray, distance: int) -> np.ndarray:
+    """Group id per row: connected components of the 'within distance' graph (exact copies have distance 0)."""
+    _, labels = connected_components(csr_matrix(hamming(bits, bits) <= distance), directed=False)
+    return labels
+
+
+def make_splits(manifest: pd.DataFrame, quarantine: pd.DataFrame, raw_dir: Path, params: SplitParams,
+                seed: int) -> tuple[dict[str, pd.DataFrame], dict, pd.DataFrame]:
+    usable = manifest[manifest.readable & ~manifest.path.isin(set(quarantine.path))].reset_index(drop=True)
+    usable = usable.assign(path=[(Path(raw_dir) / p).as_posix() for p in usable.path])
+    test = usable[usable.official_split == "test"].reset_index(drop=True)
+    pool = usable[usable.official_split == "train"].reset_index(drop=True)
+
+    pool_bits, test_bits = hash_bits(pool.dhash), hash_bits(test.dhash)
+    to_test = hamming(pool_bits, test_bits)  # (pool, test)
+    nearest = to_test.argmin(axis=1)
+    exact = pool.content_hash.isin(set(test.content_hash)).to_numpy()
+    near = (to_test.min(axis=1) <= params.near_duplicate_distance) & ~exact
+    removed = pool[exact | near].assign(
+        reason=np.where(exact[exact | near], "exact copy of a test image", "near duplicate of a test image"),
+        distance=to_test.min(axis=1)[exact | near],
+        test_twin=test.path.to_numpy()[nearest[exact | near]],
+    )
+
+    kept = pool[~(exact | near)].reset_index(drop=True)
+    kept["group"] = duplicate_groups(pool_bits[~(exact | near)], params.near_duplicate_distance)
+    folds = StratifiedGroupKFold(n_splits=round(1 / params.val_fraction), shuffle=True, random_state=seed)
+    _, val_index = next(folds.split(kept, kept.label, kept.group))
+    is_val = np.zeros(len(kept), dtype=bool)
+    is_val[val_index] = True
+
+    # Judged against the whole official Training pool: a test image whose twin we removed is not clean either.
+    test["group"] = -1
+    test["clean"] = to_test.min(axis=0) > params.clean_distance
+    splits = {"train": kept[~is_val][SPLIT_COLUMNS], "val": kept[is_val][SPLIT_COLUMNS],
+              "test": test[SPLIT_COLUMNS + ["clean"]]}
+
+    cross = test.content_hash[test.content_hash.isin(set(pool.content_hash))]
+    report = {
+        "counts": {name: frame.label.value_counts().sort_index().to_dict() for name, frame in splits.items()},
+        "clean_test": int(test.clean.sum()),
+        "removed_from_training": {
+            "total": len(removed),
+            "exact_copy_of_test": int(exact.sum()),
+            "near_duplicate_of_test": int(near.sum()),
+            "exact_groups_across_official_split": int(cross.nunique()),
+            "test_images_with_exact_copy_in_training": len(cross),
+        },
+        "near_duplicate_distance": params.near_duplicate_distance,
+        "clean_distance": params.clean_distance,
+    }
+    return splits, report, removed[["path", "label", "reason", "distance", "test_twin"]]
+
+
+def write_splits(paths: Paths, params: SplitParams, seed: int) -> dict:
+    manifest = pd.read_parquet(paths.manifest)
+    quarantine = pd.read_csv(paths.quarantine)
+    splits, report, removed = make_splits(manifest, quarantine, paths.raw, params, seed)
+    check_split_leakage(pd.concat([splits["train"], splits["val"]]), splits["test"], paths.split_validation)
+    paths.splits.mkdir(parents=True, exist_ok=True)
+    for name, frame in splits.items():
+        frame.to_csv(paths.splits / f"{name}.csv", index=False)
+    paths.split_report.parent.mkdir(parents=True, exist_ok=True)
+    paths.split_report.write_text(json.dumps(report, indent=2) + "\n")
+    removed.to_csv(paths.split_removed, index=False)
+    return report
