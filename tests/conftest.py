@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny images made on the fly, a fixed sample of the shared data, and a params object."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from components.config import Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets" / "brain-tumor-mri"
+CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+# Known cross-split byte-identical pair (from the data set README), always part of the sample.
+KNOWN_TWIN = ("Testing/meningioma/Te-meTr_0001.jpg", "Training/meningioma/Tr-me_0196.jpg")
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def tree_digest(folder: Path) -> str:
+    """Hash of every file's path and bytes, to prove a folder was left unchanged."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() or p.is_symlink()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(os.readlink(path).encode() if path.is_symlink() else path.read_bytes())
+    return digest.hexdigest()
+
+
+def class_image(label_index: int, rng: np.random.Generator, size: int = 32, mode: str = "L") -> Image.Image:
+    """A learnable toy scan: a bright blob whose position depends on the class, plus noise."""
+    y, x = np.mgrid[0:size, 0:size]
+    cy, cx = [(0.3, 0.3), (0.3, 0.7), (0.7, 0.3), (0.7, 0.7)][label_index]
+    blob = np.exp(-(((y / size - cy) ** 2 + (x / size - cx) ** 2) / 0.02))
+    array = np.clip(blob * 200 + rng.normal(30, 15, (size, size)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(array, mode="L")
+    return image.convert(mode) if mode != "L" else image
+
+
+def write_tiny_dataset(root: Path, per_class: dict[str, int] | None = None, size: int = 32, seed: int = 0) -> Path:
+    """Kaggle layout with generated images: Training/<class>/Tr-*.jpg, Testing/<class>/Te-*.jpg."""
+    per_class = per_class or {"Training": 10, "Testing": 4}
+    rng = np.random.default_rng(seed)
+    for split, count in per_class.items():
+        prefix = "Tr" if split == "Training" else "Te"
+        for index, label in enumerate(CLASSES):
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for n in range(count):
+                mode = "RGB" if n % 2 else "L"
+                class_image(index, rng, size, mode).save(folder / f"{prefix}-{label[:2]}_{n:04d}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    return write_tiny_dataset(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def real_sample(tmp_path_factory) -> Path:
+    """A fixed, deterministic sample of the shared data: the first files of every class folder, plus a known
+    cross-split twin pair and the exact twins of the sampled test files."""
+    if not SHARED.is_dir():
+        pytest.fail(f"shared data set not found at {SHARED}: tests expect ../shared beside the repo")
+    root = tmp_path_factory.mktemp("real") / "sample"
+    chosen = set(KNOWN_TWIN)
+    for split, count in (("Training", 12), ("Testing", 6)):
+        for label in CLASSES:
+            chosen |= {str(p.relative_to(SHARED)) for p in sorted((SHARED / split / label).glob("*.jpg"))[:count]}
+    # Bring in the byte-identical training copies of the sampled test images, so leakage is really exercised.
+    test_hashes = {hashlib.sha256((SHARED / p).read_bytes()).hexdigest() for p in chosen if p.startswith("Testing")}
+    for label in CLASSES:
+        for path in sorted((SHARED / "Training" / label).glob("*.jpg")):
+            if hashlib.sha256(path.read_bytes()).hexdigest() in test_hashes:
+                chosen.add(str(path.relative_to(SHARED)))
+    for relative in sorted(chosen):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(SHARED / relative, root / relative)
+    return root
+
+
+@pytest.fixture
+def params() -> Params:
+    """Repo params, shrunk for 2 CPU cores and tiny images."""
+    return load_params(ROOT / "params.yaml", [
+        "validate.min_side=16", "validate.min_class_share=0.05", "validate.max_class_share=0.6",
+        "split.val_fraction=0.25",
+    ])
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A throwaway git + DVC repo holding this project's dvc.yaml and params.yaml; cwd is set to it."""
+    work = tmp_path / "project"
+    work.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy2(ROOT / name, work / name)
+    shutil.copytree(ROOT / "components", work / "components", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=work, check=True)
+    subprocess.run(["dvc", "config", "core.autostage", "true"], cwd=work, check=True)
+    monkeypatch.chdir(work)
+    return work
