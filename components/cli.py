@@ -59,6 +59,15 @@ def _split(args, params):
     return write_splits(params.paths, params.split, params.seed)
 
 
+@command("train")
+def _train(args, params):
+    from components.train import train_model
+
+    result = train_model(args.model, params)
+    return {"model": result.name, "run_id": result.run_id, "epochs_run": result.epochs_run,
+            "resumed_from_epoch": result.resumed_from_epoch, "metrics": result.metrics}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braintumor", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -75,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("manifest", help="scan data/raw into data/manifest.parquet")
     sub.add_parser("validate", help="Great Expectations checks; writes quarantine and Data Docs")
     sub.add_parser("split", help="leakage-free train/val/test CSVs")
+    train = sub.add_parser("train", help="train one CNN; one MLflow run")
+    train.add_argument("--model", required=True, help="custom_cnn | mobilenetv2 | densenet169 | resnet50")
     return parser
 
 

@@ -59,6 +59,60 @@ class SplitParams(Section):
     val_fraction: float = Field(gt=0, lt=1)
 
 
+class TrainParams(Section):
+    cache: Literal["memory", "disk", "none"]
+    deterministic: bool
+    shuffle_buffer: int = Field(gt=0)
+    monitor: str
+    early_stopping_patience: int = Field(ge=0)
+    lr_schedule: Literal["plateau", "cosine"]
+    plateau_factor: float = Field(gt=0, lt=1)
+    plateau_patience: int = Field(ge=0)
+    min_learning_rate: float = Field(ge=0)
+    class_weights: bool
+    head_dropout: float = Field(ge=0, lt=1)
+    head_units: int = Field(ge=0)
+    mixed_precision: bool
+    xla: bool
+    eval_batch_size: int = Field(gt=0)
+
+
+class Augmentation(Section):
+    flip: bool
+    rotation: float = Field(ge=0)
+    zoom: float = Field(ge=0)
+    contrast: float = Field(ge=0)
+
+
+class ModelParams(Section):
+    image_size: int = Field(ge=32)
+    batch_size: int = Field(gt=0)
+    epochs: int = Field(gt=0)
+    head_epochs: int = Field(ge=0)
+    learning_rate: float = Field(gt=0)
+    fine_tune_learning_rate: float = Field(gt=0)
+    weights: str
+    unfreeze_layers: int = Field(ge=-1)
+    bn_momentum: float = Field(gt=0, lt=1)
+    filters: list[int] = Field(default_factory=list)  # custom_cnn only
+    augmentation: Augmentation
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights != "none"
+
+
+class DeviceParams(Section):
+    gpus: Literal["auto"] | list[int]
+    cpu_concurrency: int = Field(ge=1)
+
+
+class TrackingParams(Section):
+    experiment: str
+    tracking_uri: str
+    artifact_root: str
+
+
 class Params(Section):
     seed: int
     paths: Paths
@@ -66,11 +120,20 @@ class Params(Section):
     manifest: ManifestParams
     validate_: ValidateParams = Field(alias="validate")
     split: SplitParams
+    train: TrainParams
+    models: dict[str, ModelParams]
+    devices: DeviceParams
+    tracking: TrackingParams
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
 
     @property
     def validate_params(self) -> ValidateParams:
         return self.validate_
+
+    def model(self, name: str) -> ModelParams:
+        if name not in self.models:
+            raise KeyError(f"params.yaml has no models.{name}; known models: {', '.join(self.models)}")
+        return self.models[name]
 
     def digest(self) -> str:
         """Short hash of every value, recorded on MLflow runs and registered versions."""

@@ -1,0 +1,91 @@
+"""Devices: TensorFlow set-up inside one training process, and the GPU slots that keep one training per GPU.
+
+The slot logic never imports TensorFlow, so the scheduler can be tested with fake GPU ids on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from components.config import DeviceParams, TrainParams
+
+GPUS_ENV = "BRAINTUMOR_GPUS"  # comma-separated GPU ids; overrides params devices.gpus ("" means CPU only)
+
+
+def detect_gpus() -> list[int]:
+    """GPU ids from nvidia-smi, without importing TensorFlow in the scheduling process."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    done = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                          text=True)
+    return [int(line) for line in done.stdout.split()] if done.returncode == 0 else []
+
+
+def resolve_gpus(params: DeviceParams) -> list[int]:
+    """The GPU ids trainings may use: env BRAINTUMOR_GPUS, else params devices.gpus, else detection."""
+    if GPUS_ENV in os.environ:
+        text = os.environ[GPUS_ENV].strip()
+        try:
+            return [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"{GPUS_ENV}={text!r} must be comma-separated GPU ids, e.g. 0,1") from None
+    if params.gpus == "auto":
+        return detect_gpus()
+    return list(params.gpus)
+
+
+class DeviceSlots:
+    """A pool of devices: with GPUs, one slot per GPU id; without, `cpu_concurrency` CPU slots (id None).
+
+    `acquire()` blocks until a slot is free, so at most len(slots) trainings run at once and no two share a GPU.
+    """
+
+    def __init__(self, gpus: list[int], cpu_concurrency: int = 1):
+        self.gpus = list(gpus)
+        self._free: list[int | None] = list(gpus) if gpus else [None] * cpu_concurrency
+        self._condition = threading.Condition()
+
+    @property
+    def capacity(self) -> int:
+        return len(self.gpus) or len(self._free)
+
+    @contextmanager
+    def acquire(self) -> Iterator[int | None]:
+        with self._condition:
+            self._condition.wait_for(lambda: bool(self._free))
+            device = self._free.pop(0)
+        try:
+            yield device
+        finally:
+            with self._condition:
+                self._free.append(device)
+                self._condition.notify()
+
+
+def process_env(device: int | None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for one training process: it sees exactly its GPU, or none."""
+    env = dict(os.environ if base is None else base)
+    env["CUDA_VISIBLE_DEVICES"] = "" if device is None else str(device)
+    env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
+    return env
+
+
+def configure_tensorflow(train: TrainParams, seed: int) -> dict[str, object]:
+    """Inside a training process: memory growth, seeds, determinism; mixed precision and XLA only on a GPU."""
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    keras.utils.set_random_seed(seed)
+    if train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    mixed = bool(gpus) and train.mixed_precision
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    return {"gpus": len(gpus), "mixed_precision": mixed, "jit_compile": bool(gpus) and train.xla}

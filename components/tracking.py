@@ -1,0 +1,109 @@
+"""MLflow plumbing shared by every stage: the store, nesting under a parent run, and provenance tags."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+
+from components.config import Params, TrackingParams
+from components.data_import import data_hash
+
+# Set by a Prefect flow so that stage runs nest under its parent run.
+PARENT_RUN_ENV = "BRAINTUMOR_PARENT_RUN_ID"
+FLOW_RUN_ENV = "BRAINTUMOR_FLOW_RUN_ID"
+
+
+def configure(tracking: TrackingParams) -> str:
+    """Point MLflow at MLFLOW_TRACKING_URI, or at the project's sqlite store; create the experiment."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(tracking.experiment) is None:
+        location = None if "MLFLOW_TRACKING_URI" in os.environ else Path(tracking.artifact_root).resolve().as_uri()
+        mlflow.create_experiment(tracking.experiment, artifact_location=location)
+    mlflow.set_experiment(tracking.experiment)
+    return uri
+
+
+def git_commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def provenance(params: Params) -> dict[str, str]:
+    """Tags every run and registered version carries."""
+    tags = {
+        "git_commit": git_commit(),
+        "dvc_data_hash": data_hash(params.paths.raw.with_name(params.paths.raw.name + ".dvc")) or "untracked",
+        "params_hash": params.digest(),
+    }
+    if os.environ.get(FLOW_RUN_ENV):
+        tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
+    return tags
+
+
+def system_info() -> dict[str, str]:
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+    return {
+        "device": "GPU" if gpus else "CPU",
+        "gpu_name": ", ".join(names) or "none",
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "python_version": platform.python_version(),
+        "host": platform.node(),
+    }
+
+
+@contextmanager
+def stage_run(params: Params, run_name: str, stage: str):
+    """An MLflow run for one stage, nested under the flow's parent run when BRAINTUMOR_PARENT_RUN_ID is set."""
+    configure(params.tracking)
+    parent = os.environ.get(PARENT_RUN_ENV)
+    tags = {**provenance(params), "stage": stage}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        yield run
+
+
+def flatten(prefix: str, value) -> dict[str, object]:
+    """Nested params -> {'a.b.c': value} for mlflow.log_params."""
+    if isinstance(value, dict):
+        out = {}
+        for key, inner in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
+        return out
+    return {prefix: value}
+
+
+def log_keras_model(model, example, name: str = "model"):
+    """mlflow.keras.log_model with signature and input example.
+
+    mlflow.keras writes the input example before creating the model folder (mlflow/mlflow#16183, open), so
+    the folder is created first; without an input example the same call works unchanged."""
+    import mlflow.keras.save as keras_save
+    from mlflow.models import infer_signature
+
+    original = keras_save._save_example
+
+    def save_example_into_new_folder(mlflow_model, input_example, path, *args, **kwargs):
+        os.makedirs(path, exist_ok=True)
+        return original(mlflow_model, input_example, path, *args, **kwargs)
+
+    keras_save._save_example = save_example_into_new_folder
+    try:
+        return mlflow.keras.log_model(model, name=name, input_example=example,
+                                      signature=infer_signature(example, model.predict(example, verbose=0)))
+    finally:
+        keras_save._save_example = original

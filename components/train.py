@@ -1,0 +1,214 @@
+"""Train one CNN (`braintumor train --model NAME`): one process, one model, one MLflow run.
+
+Writes models/NAME/model.keras, predictions/NAME/{val,test}.parquet, metrics/NAME.json and plots/NAME/.
+A killed training resumes from its last finished epoch (Keras BackupAndRestore) when run again with the same
+params; changed params start over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components.config import ModelParams, Params
+from components.metrics import basic_metrics, plot_confusion, plot_history, probability_columns
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    name: str
+    metrics: dict[str, dict[str, float]]
+    model_path: Path
+    run_id: str
+    epochs_run: int
+    resumed_from_epoch: int
+
+
+@dataclass(frozen=True)
+class Outputs:
+    model: Path
+    predictions: Path
+    metrics: Path
+    plots: Path
+    checkpoints: Path
+
+    @classmethod
+    def of(cls, params: Params, name: str) -> Outputs:
+        paths = params.paths
+        return cls(paths.models / name / "model.keras", paths.predictions / name, paths.metrics / f"{name}.json",
+                   paths.plots / name, paths.checkpoints / name)
+
+
+def _prepare_checkpoints(outputs: Outputs, model_params: ModelParams) -> None:
+    """Keep resume state only if it was made with the same model params; a fresh start also resets history."""
+    stamp = outputs.checkpoints / "params.json"
+    current = model_params.model_dump_json()
+    if stamp.exists() and stamp.read_text() != current:
+        log.info("params of %s changed since the interrupted run: starting over", outputs.checkpoints.name)
+        shutil.rmtree(outputs.checkpoints)
+    if not stamp.exists():
+        (outputs.plots / "history.csv").unlink(missing_ok=True)
+        outputs.checkpoints.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(current)
+
+
+def _saved_epoch(backup_dir: Path) -> int:
+    metadata = backup_dir / "training_metadata.json"
+    return json.loads(metadata.read_text())["epoch"] if metadata.exists() else 0
+
+
+def _callbacks(params: Params, model_params: ModelParams, outputs: Outputs, phase: str, learning_rate: float):
+    import keras
+    import mlflow
+
+    train = params.train
+    mode = "min" if "loss" in train.monitor else "max"
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(outputs.checkpoints / phase)),
+        keras.callbacks.EarlyStopping(monitor=train.monitor, mode=mode, patience=train.early_stopping_patience,
+                                      restore_best_weights=True),
+        keras.callbacks.CSVLogger(str(outputs.plots / "history.csv"), append=True),
+        keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: mlflow.log_metrics(
+            {k: float(v) for k, v in (logs or {}).items()}, step=epoch)),
+    ]
+    if train.lr_schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=train.monitor, mode=mode,
+                                                           factor=train.plateau_factor,
+                                                           patience=train.plateau_patience,
+                                                           min_lr=train.min_learning_rate))
+    return callbacks
+
+
+def _optimizer(params: Params, learning_rate: float, steps: int):
+    import keras
+
+    if params.train.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            learning_rate, decay_steps=max(steps, 1), alpha=params.train.min_learning_rate / learning_rate)
+    return keras.optimizers.Adam(learning_rate)
+
+
+def _phases(model_params: ModelParams) -> list[tuple[str, int, int, float]]:
+    """(phase, first epoch, last epoch, learning rate). From scratch there is nothing to freeze: one phase."""
+    if not model_params.pretrained or model_params.head_epochs == 0:
+        return [("fine_tune", 0, model_params.epochs, model_params.learning_rate)]
+    head = min(model_params.head_epochs, model_params.epochs)
+    phases = [("head", 0, head, model_params.learning_rate)]
+    if model_params.epochs > head:
+        phases.append(("fine_tune", head, model_params.epochs, model_params.fine_tune_learning_rate))
+    return phases
+
+
+def predict_frame(model, frame: pd.DataFrame, params: Params, model_params: ModelParams) -> pd.DataFrame:
+    from components.dataset import make_dataset
+
+    dataset = make_dataset(frame, params.data.classes, model_params, params.train, training=False,
+                           seed=params.seed)
+    probabilities = model.predict(dataset, verbose=0)
+    keep = [c for c in ("path", "label", "clean") if c in frame]
+    return pd.concat([frame[keep].reset_index(drop=True),
+                      pd.DataFrame(probabilities, columns=probability_columns(params.data.classes))], axis=1)
+
+
+def scores(predictions: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    labels = predictions.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
+    return labels, predictions[probability_columns(classes)].to_numpy()
+
+
+def split_metrics(predictions: dict[str, pd.DataFrame], classes: list[str]) -> dict[str, dict[str, float]]:
+    """Metrics on val, the official test set and its clean (leakage-free) subset."""
+    out = {}
+    for split, frame in predictions.items():
+        out[split] = basic_metrics(*scores(frame, classes), classes)
+        if "clean" in frame:
+            out[f"{split}_clean"] = basic_metrics(*scores(frame[frame.clean], classes), classes)
+    return out
+
+
+def train_model(name: str, params: Params) -> TrainResult:
+    import keras
+    import mlflow
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from components import tracking
+    from components.dataset import make_dataset, read_split
+    from components.devices import configure_tensorflow
+    from components.models import build_model, set_trainable
+
+    model_params = params.model(name)
+    classes = params.data.classes
+    outputs = Outputs.of(params, name)
+    for folder in (outputs.model.parent, outputs.predictions, outputs.plots):
+        folder.mkdir(parents=True, exist_ok=True)
+    _prepare_checkpoints(outputs, model_params)
+    device = configure_tensorflow(params.train, params.seed)
+
+    frames = {split: read_split(params.paths.splits, split) for split in ("train", "val", "test")}
+    cache_dir = outputs.checkpoints / "cache"
+    train_data = make_dataset(frames["train"], classes, model_params, params.train, training=True,
+                              seed=params.seed, cache_dir=cache_dir)
+    val_data = make_dataset(frames["val"], classes, model_params, params.train, training=False, seed=params.seed,
+                            cache_dir=cache_dir)
+    class_weight = None
+    if params.train.class_weights:
+        labels = frames["train"].label.map({c: i for i, c in enumerate(classes)}).to_numpy()
+        present = np.unique(labels)
+        class_weight = dict(zip(present.tolist(), compute_class_weight("balanced", classes=present, y=labels)))
+
+    model = build_model(name, model_params, params.train, len(classes))
+    resumed_from = max(_saved_epoch(outputs.checkpoints / phase) for phase, *_ in _phases(model_params))
+    head_done = outputs.checkpoints / "head.weights.h5"
+    steps_per_epoch = math.ceil(len(frames["train"]) / model_params.batch_size)
+
+    with tracking.stage_run(params, run_name=f"train-{name}", stage="train") as run:
+        mlflow.log_params({"model": name, **tracking.flatten(f"models.{name}", model_params.model_dump()),
+                           **tracking.flatten("train", params.train.model_dump()), "seed": params.seed,
+                           "train_images": len(frames["train"]), "val_images": len(frames["val"])})
+        mlflow.set_tags({**tracking.system_info(), **{k: str(v) for k, v in device.items()},
+                         "resumed_from_epoch": str(resumed_from)})
+        for phase, first, last, learning_rate in _phases(model_params):
+            if phase == "head" and head_done.exists():
+                model.load_weights(head_done)
+                continue
+            set_trainable(model, phase, model_params.unfreeze_layers)
+            model.compile(optimizer=_optimizer(params, learning_rate, steps_per_epoch * (last - first)),
+                          loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                          jit_compile=bool(device["jit_compile"]))
+            model.fit(train_data, validation_data=val_data, initial_epoch=first, epochs=last,
+                      class_weight=class_weight, verbose=2,
+                      callbacks=_callbacks(params, model_params, outputs, phase, learning_rate))
+            if phase == "head":
+                model.save_weights(head_done)
+
+        model.save(outputs.model)
+        predictions = {split: predict_frame(model, frames[split], params, model_params) for split in ("val", "test")}
+        for split, frame in predictions.items():
+            frame.to_parquet(outputs.predictions / f"{split}.parquet", index=False)
+        metrics = split_metrics(predictions, classes)
+        outputs.metrics.parent.mkdir(parents=True, exist_ok=True)
+        outputs.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+        mlflow.log_metrics({f"{split}_{key}": value for split, values in metrics.items()
+                            for key, value in values.items()})
+
+        history = pd.read_csv(outputs.plots / "history.csv")
+        mlflow.log_artifact(str(plot_history(history, name, outputs.plots / "history.png")), "plots")
+        mlflow.log_artifact(str(plot_confusion(*scores(predictions["test"], classes), classes,
+                                               f"{name} (official test)",
+                                               outputs.plots / "confusion_matrix.png")), "plots")
+        mlflow.log_artifact(str(outputs.metrics))
+        example = np.zeros((1, model_params.image_size, model_params.image_size, 3), dtype=np.float32)
+        tracking.log_keras_model(model, example)
+        run_id = run.info.run_id
+
+    shutil.rmtree(outputs.checkpoints, ignore_errors=True)  # finished: nothing left to resume
+    keras.backend.clear_session()
+    return TrainResult(name, metrics, outputs.model, run_id, len(history), resumed_from)
