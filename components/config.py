@@ -75,6 +75,7 @@ class TrainParams(Section):
     mixed_precision: bool
     xla: bool
     eval_batch_size: int = Field(gt=0)
+    run_eagerly: bool
 
 
 class Augmentation(Section):

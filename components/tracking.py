@@ -87,6 +87,19 @@ def flatten(prefix: str, value) -> dict[str, object]:
     return {prefix: value}
 
 
+def requirements(*extra: str) -> list[str]:
+    """Pinned serving requirements; MLflow's inference would re-import TensorFlow in a subprocess (~20 s)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("tensorflow-cpu", "tensorflow", "keras", "pillow", "numpy", "pandas", *extra):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return pins
+
+
 def log_keras_model(model, example, name: str = "model"):
     """mlflow.keras.log_model with signature and input example.
 
@@ -103,7 +116,7 @@ def log_keras_model(model, example, name: str = "model"):
 
     keras_save._save_example = save_example_into_new_folder
     try:
-        return mlflow.keras.log_model(model, name=name, input_example=example,
+        return mlflow.keras.log_model(model, name=name, input_example=example, pip_requirements=requirements(),
                                       signature=infer_signature(example, model.predict(example, verbose=0)))
     finally:
         keras_save._save_example = original

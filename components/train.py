@@ -182,7 +182,7 @@ def train_model(name: str, params: Params) -> TrainResult:
             set_trainable(model, phase, model_params.unfreeze_layers)
             model.compile(optimizer=_optimizer(params, learning_rate, steps_per_epoch * (last - first)),
                           loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                          jit_compile=bool(device["jit_compile"]))
+                          jit_compile=bool(device["jit_compile"]), run_eagerly=params.train.run_eagerly)
             model.fit(train_data, validation_data=val_data, initial_epoch=first, epochs=last,
                       class_weight=class_weight, verbose=2,
                       callbacks=_callbacks(params, model_params, outputs, phase, learning_rate))
@@ -196,7 +196,7 @@ def train_model(name: str, params: Params) -> TrainResult:
         metrics = split_metrics(predictions, classes)
         outputs.metrics.parent.mkdir(parents=True, exist_ok=True)
         outputs.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
-        mlflow.log_metrics({f"{split}_{key}": value for split, values in metrics.items()
+        mlflow.log_metrics({f"{split}.{key}": value for split, values in metrics.items()
                             for key, value in values.items()})
 
         history = pd.read_csv(outputs.plots / "history.csv")

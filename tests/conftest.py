@@ -107,3 +107,40 @@ def project(tmp_path, monkeypatch) -> Path:
     subprocess.run(["dvc", "config", "core.autostage", "true"], cwd=work, check=True)
     monkeypatch.chdir(work)
     return work
+
+
+TINY_TRAINING = [
+    "models.{m}.image_size=32", "models.{m}.batch_size=8", "models.{m}.epochs=1", "models.{m}.head_epochs=0",
+    "models.{m}.augmentation.rotation=0.0", "models.{m}.augmentation.zoom=0.0",
+]
+
+
+def tiny_overrides(extra: list[str] | None = None) -> list[str]:
+    """`section.key=value` overrides for 32 px images, one epoch, small batches, on every model."""
+    overrides = [o.format(m=m) for m in CLASSES_MODELS for o in TINY_TRAINING]
+    return overrides + ["validate.min_side=16", "validate.min_class_share=0.05", "validate.max_class_share=0.6",
+                  "split.val_fraction=0.25", "train.eval_batch_size=16", "train.run_eagerly=true", "models.custom_cnn.filters=[8, 16]"] + (extra or [])
+
+
+def tiny_params(root: Path, extra: list[str] | None = None) -> Params:
+    return load_params(root / "params.yaml", tiny_overrides(extra))
+
+
+CLASSES_MODELS = ["custom_cnn", "mobilenetv2", "densenet169", "resnet50"]
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch) -> Path:
+    """cwd = a temp folder holding params.yaml, tiny data in data/raw and its splits; MLflow store inside it."""
+    from components.manifest import write_manifest
+    from components.split import write_splits
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    params = tiny_params(tmp_path)
+    write_tiny_dataset(tmp_path / params.paths.raw, {"Training": 12, "Testing": 4})
+    write_manifest(params.paths.raw, params.paths.manifest, params.manifest)
+    params.paths.quarantine.write_text("path,label,reason\n")
+    write_splits(params.paths, params.split, params.seed)
+    return tmp_path

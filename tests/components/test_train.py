@@ -1,0 +1,87 @@
+import json
+import os
+import signal
+import subprocess
+import time
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from components import tracking
+from components.train import Outputs, _prepare_checkpoints, train_model
+from tests.conftest import tiny_overrides, tiny_params
+
+
+def test_training_writes_every_output_and_one_complete_mlflow_run(workspace):
+    params = tiny_params(workspace, ["models.custom_cnn.epochs=2"])
+    result = train_model("custom_cnn", params)
+    outputs = Outputs.of(params, "custom_cnn")
+
+    assert outputs.model.exists() and result.epochs_run == 2 and result.resumed_from_epoch == 0
+    for split in ("val", "test"):
+        frame = pd.read_parquet(outputs.predictions / f"{split}.parquet")
+        probabilities = frame[[f"prob_{c}" for c in params.data.classes]].to_numpy()
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+        assert len(frame) == len(pd.read_csv(params.paths.splits / f"{split}.csv"))
+    metrics = json.loads(outputs.metrics.read_text())
+    assert set(metrics) == {"val", "test", "test_clean"}
+    assert {"accuracy", "macro_f1", "recall_glioma"} <= set(metrics["test"])
+    assert list(pd.read_csv(outputs.plots / "history.csv").epoch) == [0, 1]
+    assert not outputs.checkpoints.exists(), "a finished run leaves nothing to resume"
+
+    tracking.configure(params.tracking)
+    run = mlflow.get_run(result.run_id)
+    assert run.data.params["models.custom_cnn.epochs"] == "2" and run.data.params["seed"] == str(params.seed)
+    assert {"git_commit", "dvc_data_hash", "params_hash", "tensorflow_version", "keras_version", "device",
+            "gpu_name"} <= set(run.data.tags)
+    assert run.data.metrics["test.accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "val_accuracy")
+    assert [m.step for m in history] == [0, 1]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "plots")}
+    assert {"plots/history.png", "plots/confusion_matrix.png"} <= artifacts
+    logged = mlflow.last_logged_model() or mlflow.search_logged_models(output_format="list")[0]
+    loaded = mlflow.keras.load_model(f"models:/{logged.model_id}")
+    assert loaded.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0).shape == (1, 4)
+    assert mlflow.models.Model.load(f"models:/{logged.model_id}").signature is not None
+
+
+def test_a_killed_training_resumes_from_its_saved_epoch(workspace):
+    overrides = tiny_overrides(["models.custom_cnn.epochs=12", "train.early_stopping_patience=100"])
+    command = ["braintumor", *[arg for o in overrides for arg in ("-S", o)], "train", "--model", "custom_cnn"]
+    metadata = workspace / ".checkpoints" / "custom_cnn" / "fine_tune" / "training_metadata.json"
+    process = subprocess.Popen(command, cwd=workspace, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None:
+            if metadata.exists() and json.loads(metadata.read_text() or "{}").get("epoch", 0) >= 3:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "training ended before it could be interrupted"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    saved = json.loads(metadata.read_text())["epoch"]
+
+    params = tiny_params(workspace, ["models.custom_cnn.epochs=12", "train.early_stopping_patience=100"])
+    result = train_model("custom_cnn", params)
+
+    assert result.resumed_from_epoch == saved >= 3
+    epochs = list(pd.read_csv(workspace / "plots" / "custom_cnn" / "history.csv").epoch)
+    assert epochs[-1] == 11 and epochs[epochs.index(saved - 1) + 1] == saved, "resumed run continues the epoch count"
+    resumed_run = mlflow.get_run(result.run_id)
+    assert resumed_run.data.tags["resumed_from_epoch"] == str(saved)
+    assert min(m.step for m in mlflow.MlflowClient().get_metric_history(result.run_id, "loss")) == saved
+
+
+def test_changed_params_discard_resume_state(workspace):
+    params = tiny_params(workspace)
+    outputs = Outputs.of(params, "custom_cnn")
+    _prepare_checkpoints(outputs, params.model("custom_cnn"))
+    (outputs.checkpoints / "fine_tune").mkdir()
+    _prepare_checkpoints(outputs, params.model("custom_cnn"))
+    assert (outputs.checkpoints / "fine_tune").exists()
+    _prepare_checkpoints(outputs, params.model("custom_cnn").model_copy(update={"epochs": 7}))
+    assert not (outputs.checkpoints / "fine_tune").exists()
