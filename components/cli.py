@@ -68,6 +68,68 @@ def _train(args, params):
             "resumed_from_epoch": result.resumed_from_epoch, "metrics": result.metrics}
 
 
+@command("stack")
+def _stack(args, params):
+    from components.stack import run_stack
+
+    summary = run_stack(params)
+    return {k: summary[k] for k in ("models", "fit_rows", "best_estimator", "run_id")}
+
+
+@command("evaluate")
+def _evaluate(args, params):
+    from components.evaluate import run_evaluate
+
+    return run_evaluate(params)
+
+
+@command("register")
+def _register(args, params):
+    from components.register import run_register
+
+    return run_register(params)
+
+
+@command("promote")
+def _promote(args, params):
+    from components.promote import promote
+
+    result = promote(params, dry_run=args.dry_run, model=args.model)
+    print(result.pop("table"))
+    return result
+
+
+@command("rollback")
+def _rollback(args, params):
+    from components.promote import rollback
+
+    return rollback(params, model=args.model)
+
+
+@command("predict")
+def _predict(args, params):
+    from components import tracking
+    from components.predict import predict_paths
+
+    tracking.configure(params.tracking)
+    frame = predict_paths(args.paths, args.model_uri)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(args.out, index=False)
+        return {"rows": len(frame), "out": args.out}
+    print(frame.to_csv(index=False), end="")
+    return None
+
+
+@command("explain")
+def _explain(args, params):
+    from components.explain import explain_image
+
+    out = Path(args.out or f"reports/explain/{Path(args.image).stem}_{args.model}.png")
+    return explain_image(Path(args.image), params.paths.models / args.model / "model.keras", params.data.classes,
+                         out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braintumor", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -86,6 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("split", help="leakage-free train/val/test CSVs")
     train = sub.add_parser("train", help="train one CNN; one MLflow run")
     train.add_argument("--model", required=True, help="custom_cnn | mobilenetv2 | densenet169 | resnet50")
+    sub.add_parser("stack", help="fit the FLAML meta-learner on val predictions")
+    sub.add_parser("evaluate", help="metrics, plots and Grad-CAM on the official and clean test sets")
+    sub.add_parser("register", help="register base models and the ensemble; new versions get @challenger")
+    for name, text in (("promote", "move @champion to @challenger if the gate in params passes"),
+                       ("rollback", "move @champion back to the champion it replaced")):
+        action = sub.add_parser(name, help=text)
+        action.add_argument("--model", help="registered model suffix (default: params promote.model)")
+        if name == "promote":
+            action.add_argument("--dry-run", action="store_true", help="print the comparison, change nothing")
+    predict = sub.add_parser("predict", help="score images with a registered model")
+    predict.add_argument("paths", nargs="+", help="image files")
+    predict.add_argument("--model-uri", default="models:/brain-tumor-ensemble@champion")
+    predict.add_argument("--out", help="write a CSV here instead of printing it")
+    explain = sub.add_parser("explain", help="Grad-CAM overlay PNG for one image")
+    explain.add_argument("image")
+    explain.add_argument("--model", required=True, help="base model name")
+    explain.add_argument("--out", help="PNG path (default: reports/explain/<image>_<model>.png)")
     return parser
 
 

@@ -103,6 +103,33 @@ class ModelParams(Section):
         return self.weights != "none"
 
 
+class StackParams(Section):
+    models: list[str] = Field(min_length=1)
+    entropy_and_margin: bool
+    time_budget: float = Field(gt=0)
+    metric: str
+    estimators: list[str] = Field(min_length=1)
+    folds: int = Field(ge=2)
+
+
+class EvaluateParams(Section):
+    gradcam_examples: int = Field(ge=0)
+    calibration_bins: int = Field(ge=2)
+
+
+class RegisterParams(Section):
+    model_prefix: str
+    new_version_alias: str
+
+
+class PromoteParams(Section):
+    model: str
+    test_set: Literal["test", "test_clean"]
+    min_accuracy: float = Field(ge=0, le=1)
+    min_class_sensitivity: float = Field(ge=0, le=1)
+    min_margin: float = Field(ge=0)
+
+
 class DeviceParams(Section):
     gpus: Literal["auto"] | list[int]
     cpu_concurrency: int = Field(ge=1)
@@ -123,13 +150,22 @@ class Params(Section):
     split: SplitParams
     train: TrainParams
     models: dict[str, ModelParams]
+    stack: StackParams
+    evaluate: EvaluateParams
+    register_: RegisterParams = Field(alias="register")
+    promote: PromoteParams
     devices: DeviceParams
     tracking: TrackingParams
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
 
+    # `validate` and `register` are pydantic/ABC attribute names, so those sections are stored with a suffix.
     @property
     def validate_params(self) -> ValidateParams:
         return self.validate_
+
+    @property
+    def register_params(self) -> RegisterParams:
+        return self.register_
 
     def model(self, name: str) -> ModelParams:
         if name not in self.models:

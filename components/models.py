@@ -62,7 +62,7 @@ def _backbone(name: str, params: ModelParams, inputs: keras.KerasTensor) -> kera
                                  "to a .weights.h5 file")
     try:
         backbone = application(include_top=False, weights=None if weights == "none" else weights,
-                               input_shape=(params.image_size, params.image_size, 3), pooling="avg")
+                               input_shape=(params.image_size, params.image_size, 3), pooling=None)
     except Exception as exc:  # Keras raises URLError/OSError/HTTP errors when the download fails
         if weights != "imagenet":
             raise
@@ -101,6 +101,8 @@ def build_model(name: str, params: ModelParams, train: TrainParams, num_classes:
         backbone = _backbone(name, params, inputs)
         # Pretrained BatchNorm stays in inference mode while fine-tuning (Keras transfer-learning guide).
         x = backbone(x, training=False) if params.pretrained else backbone(x)
+        # Pooling outside the backbone keeps its feature map reachable for Grad-CAM.
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(train.head_dropout)(x)
     if train.head_units:
         x = keras.layers.Dense(train.head_units, activation="relu")(x)

@@ -206,8 +206,11 @@ def train_model(name: str, params: Params) -> TrainResult:
                                                outputs.plots / "confusion_matrix.png")), "plots")
         mlflow.log_artifact(str(outputs.metrics))
         example = np.zeros((1, model_params.image_size, model_params.image_size, 3), dtype=np.float32)
-        tracking.log_keras_model(model, example)
+        logged = tracking.log_keras_model(model, example)
         run_id = run.info.run_id
+        # Lets the register stage find this exact model in MLflow.
+        (outputs.model.parent / "mlflow.json").write_text(json.dumps(
+            {"run_id": run_id, "model_uri": logged.model_uri, "model_id": logged.model_id}, indent=2) + "\n")
 
     shutil.rmtree(outputs.checkpoints, ignore_errors=True)  # finished: nothing left to resume
     keras.backend.clear_session()

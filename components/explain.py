@@ -1,0 +1,58 @@
+"""Grad-CAM overlays (`braintumor explain IMAGE --model NAME`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from components.images import load_rgb
+
+
+def feature_layer(model):
+    """The last layer with a spatial (4-D) output: the backbone, or the custom CNN's last conv block."""
+    spatial = [layer for layer in model.layers if len(layer.output.shape) == 4 and layer.name != "preprocess"]
+    if not spatial:
+        raise ValueError(f"model {model.name} has no spatial layer to explain")
+    return spatial[-1]
+
+
+def gradcam(model, image: np.ndarray, class_index: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
+    """(heatmap in [0, 1] at the image's size, explained class, probabilities) for one (H, W, 3) image."""
+    import keras
+    import tensorflow as tf
+
+    grad_model = keras.Model(model.inputs, [feature_layer(model).output, model.output])
+    batch = tf.convert_to_tensor(image[None].astype(np.float32))
+    with tf.GradientTape() as tape:
+        features, probabilities = grad_model(batch, training=False)
+        target = int(tf.argmax(probabilities[0])) if class_index is None else class_index
+        score = probabilities[:, target]
+    gradients = tape.gradient(score, features)
+    weights = tf.reduce_mean(gradients, axis=(1, 2))
+    cam = tf.nn.relu(tf.reduce_sum(features * weights[:, None, None, :], axis=-1))[0].numpy()
+    cam = cam / cam.max() if cam.max() > 0 else cam
+    heatmap = np.asarray(Image.fromarray((cam * 255).astype(np.uint8)).resize(image.shape[1::-1],
+                                                                              Image.Resampling.BILINEAR)) / 255.0
+    return heatmap, target, probabilities[0].numpy()
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> Image.Image:
+    import matplotlib
+
+    colored = matplotlib.colormaps["jet"](heatmap)[..., :3] * 255
+    return Image.fromarray((image * (1 - alpha) + colored * alpha).clip(0, 255).astype(np.uint8))
+
+
+def explain_image(image_path: Path, model_path: Path, classes: list[str], out: Path) -> dict:
+    import keras
+
+    model = keras.models.load_model(model_path)
+    size = model.input_shape[1]
+    image = load_rgb(image_path, size).astype(np.float32)
+    heatmap, target, probabilities = gradcam(model, image)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    overlay(image, heatmap).resize((max(size, 224), max(size, 224))).save(out)
+    return {"image": str(image_path), "model": str(model_path), "explained_class": classes[target],
+            "probabilities": dict(zip(classes, map(float, probabilities))), "overlay": str(out)}

@@ -1,0 +1,86 @@
+"""The served ensemble: one MLflow pyfunc that takes raw images and returns the stacked prediction, and
+`braintumor predict` on top of it."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from components.images import ImageError, load_rgb
+
+IMAGE_COLUMN = "image"
+DEFAULT_MODEL_URI = "models:/brain-tumor-ensemble@champion"
+
+
+class BadInput(ValueError):
+    """Rows that cannot be scored; the message names each row and why."""
+
+
+def decode_rows(values: pd.Series, max_pixels: int) -> tuple[list[bytes], list[str]]:
+    """Each value is a file path or base64-encoded image bytes; returns (bytes per row, errors)."""
+    blobs, errors = [], []
+    for row, value in enumerate(values):
+        try:
+            if isinstance(value, bytes | bytearray):
+                blobs.append(bytes(value))
+            elif isinstance(value, str) and len(value) < 4096 and Path(value).is_file():
+                blobs.append(Path(value).read_bytes())
+            elif isinstance(value, str):
+                try:
+                    blobs.append(base64.b64decode(value, validate=True))
+                except (binascii.Error, ValueError):
+                    raise ImageError("neither an existing file path nor base64 image bytes") from None
+            else:
+                raise ImageError(f"expected a path or base64 string, got {type(value).__name__}")
+            load_rgb(blobs[-1], 8, max_pixels)  # decodes fully: catches corrupt and non-image bytes now
+        except (ImageError, OSError) as exc:
+            errors.append(f"row {row}: {exc}")
+            blobs.append(b"")
+    return blobs, errors
+
+
+class EnsembleModel(mlflow.pyfunc.PythonModel):
+    """mlflow.pyfunc.PythonModel: four Keras CNNs + the FLAML stacker + the shared image decoding.
+
+    Artifacts: one `<name>` .keras file per base model, `stacker` (pickle) and `meta` (classes, models)."""
+
+    def load_context(self, context) -> None:
+        import keras
+
+        from components.stack import Stacker
+
+        meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        self.classes: list[str] = meta["classes"]
+        self.max_pixels: int = meta["max_image_pixels"]
+        self.models = {name: keras.models.load_model(context.artifacts[name]) for name in meta["models"]}
+        self.stacker = Stacker.load(Path(context.artifacts["stacker"]))
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        if IMAGE_COLUMN not in model_input:
+            raise BadInput(f"input needs a column {IMAGE_COLUMN!r} of file paths or base64 image bytes; "
+                           f"got columns {list(model_input.columns)}")
+        blobs, errors = decode_rows(model_input[IMAGE_COLUMN], self.max_pixels)
+        if errors:
+            raise BadInput(f"{len(errors)} of {len(blobs)} rows cannot be scored: " + "; ".join(errors))
+        probabilities = {}
+        for name, model in self.models.items():
+            size = model.input_shape[1]
+            batch = np.stack([load_rgb(blob, size, self.max_pixels) for blob in blobs]).astype(np.float32)
+            probabilities[name] = model.predict(batch, verbose=0, batch_size=64)
+        stacked = self.stacker.predict_proba(probabilities)
+        out = pd.DataFrame(stacked, columns=[f"prob_{c}" for c in self.classes])
+        out.insert(0, "predicted_class", np.array(self.classes)[stacked.argmax(axis=1)])
+        return out
+
+
+def predict_paths(paths: list[str], model_uri: str = DEFAULT_MODEL_URI) -> pd.DataFrame:
+    model = mlflow.pyfunc.load_model(model_uri)
+    out = model.predict(pd.DataFrame({IMAGE_COLUMN: [str(p) for p in paths]}))
+    out.insert(0, "path", [str(p) for p in paths])
+    return out

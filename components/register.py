@@ -1,0 +1,135 @@
+"""Register every base model and the ensemble in the MLflow registry (`braintumor register`).
+
+Each new version gets the `challenger` alias, provenance tags (git commit, DVC data hash, params hash, flow run
+id) and a model card as its description. Promotion to `champion` is a separate, gated step (components.promote).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from components.config import Params
+from components.predict import IMAGE_COLUMN
+from components.stack import STACK
+
+ENSEMBLE = "ensemble"
+
+
+def registered_name(params: Params, model: str) -> str:
+    return f"{params.register_params.model_prefix}-{model}"
+
+
+def model_card(params: Params, model: str, metrics: dict, tags: dict[str, str]) -> str:
+    """Markdown card in the MONAI-bundle spirit: data, input format, class map, metrics, intended use, limits."""
+    split_report = json.loads(params.paths.split_report.read_text()) if params.paths.split_report.exists() else {}
+    counts = split_report.get("counts", {})
+    lines = [
+        f"# {registered_name(params, model)}", "",
+        f"**Data version:** DVC `{tags['dvc_data_hash']}` · **git** `{tags['git_commit'][:12]}` · "
+        f"**params** `{tags['params_hash']}`", "",
+        "**Splits:** " + ", ".join(f"{s}: {sum(c.values())}" for s, c in counts.items())
+        + f" (clean test: {split_report.get('clean_test', 'n/a')}; training images removed as duplicates of test: "
+        f"{split_report.get('removed_from_training', {}).get('total', 'n/a')})", "",
+        "**Input:** " + ("a DataFrame column `image` with file paths or base64-encoded image bytes, any size, "
+                         "grayscale or colour" if model == ENSEMBLE else
+                         "float32 RGB images 0-255, shape (n, size, size, 3)"),
+        f"**Output:** class probabilities; class map {dict(enumerate(params.data.classes))}", "",
+        "| test set | accuracy | macro-F1 | " + " | ".join(f"sens. {c}" for c in params.data.classes) + " |",
+        "|---|---|---|" + "---|" * len(params.data.classes),
+    ]
+    for test_set in ("test", "test_clean"):
+        values = metrics.get(test_set, {})
+        lines.append(f"| {test_set} | {values.get('accuracy', float('nan')):.4f} | "
+                     f"{values.get('macro_f1', float('nan')):.4f} | "
+                     + " | ".join(f"{values.get(f'sensitivity_{c}', values.get(f'recall_{c}', float('nan'))):.4f}"
+                                  for c in params.data.classes) + " |")
+    lines += ["", "**Intended use:** research and decision support on axial brain MRI slices like those of the "
+              "Kaggle Brain Tumor MRI Dataset; a radiologist reviews every result.",
+              "**Limits:** not a medical device. Trained on one public data set (no patient ids: patient-level "
+              "leakage cannot be ruled out; the clean test subset is the honest estimate). Not validated on other "
+              "scanners, sequences, ages or tumour types; out-of-distribution images still get one of four labels."]
+    return "\n".join(lines)
+
+
+def _version_for(client, name: str, model_uri: str, run_id: str | None, tags: dict[str, str], card: str,
+                 alias: str):
+    import mlflow
+
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    client.update_registered_model(name, description=f"Brain tumor MRI classifier ({name}).")
+    client.update_model_version(name, version.version, description=card)
+    client.set_registered_model_alias(name, alias, version.version)
+    return version
+
+
+def example_frame(params: Params) -> pd.DataFrame:
+    """An input example in the served format: one real test image as base64 bytes."""
+    first = pd.read_csv(params.paths.splits / "test.csv").path.iloc[0]
+    return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(Path(first).read_bytes()).decode()]})
+
+
+def log_ensemble(params: Params):
+    """Log the pyfunc ensemble in the active run; returns MLflow's ModelInfo."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from components import tracking
+    from components.predict import EnsembleModel
+
+    folder = params.paths.models / "stacker"
+    meta_path = folder / "ensemble_meta.json"
+    meta_path.write_text(json.dumps({"classes": params.data.classes, "models": params.stack.models,
+                                     "max_image_pixels": params.manifest.max_image_pixels}) + "\n")
+    artifacts = {name: str(params.paths.models / name / "model.keras") for name in params.stack.models}
+    artifacts |= {"stacker": str(folder / "stacker.pkl"), "meta": str(meta_path)}
+    example = example_frame(params)
+    model = EnsembleModel()
+
+    class _Context:  # the output example comes from the real model, loaded as MLflow will load it
+        def __init__(self, artifacts):
+            self.artifacts = artifacts
+    model.load_context(_Context(artifacts))
+    output = model.predict(None, example)
+    components_dir = Path(__file__).resolve().parent
+    return mlflow.pyfunc.log_model(
+        name="ensemble", python_model=model, artifacts=artifacts, input_example=example,
+        signature=infer_signature(example, output), code_paths=[str(components_dir)],
+        pip_requirements=tracking.requirements("scikit-learn", "flaml", "lightgbm", "xgboost", "mlflow"))
+
+
+def run_register(params: Params) -> dict:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from components import tracking
+
+    alias = params.register_params.new_version_alias
+    evaluation_path = params.paths.metrics / "evaluation.json"
+    if not evaluation_path.exists():
+        raise FileNotFoundError(f"{evaluation_path} not found: run `braintumor evaluate` first")
+    evaluation = json.loads(evaluation_path.read_text())
+    client = MlflowClient()
+    registered = {}
+    with tracking.stage_run(params, "register", "register") as run:
+        tags = tracking.provenance(params)
+        for name in params.stack.models:
+            logged = json.loads((params.paths.models / name / "mlflow.json").read_text())
+            version = _version_for(client, registered_name(params, name), logged["model_uri"], logged["run_id"],
+                                   tags, model_card(params, name, evaluation.get(name, {}), tags), alias)
+            registered[name] = version.version
+        info = log_ensemble(params)
+        ensemble_tags = {**tags, "stacker_best_estimator": json.loads(
+            (params.paths.models / "stacker" / "meta.json").read_text())["best_estimator"]}
+        version = _version_for(client, registered_name(params, ENSEMBLE), info.model_uri, run.info.run_id,
+                               ensemble_tags, model_card(params, ENSEMBLE, evaluation.get(STACK, {}), tags), alias)
+        registered[ENSEMBLE] = version.version
+        mlflow.log_dict(registered, "registered_versions.json")
+    summary = {registered_name(params, n): v for n, v in registered.items()}
+    out = Path("reports") / "registered.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"alias": alias, "versions": summary, "run_id": run.info.run_id}, indent=2) + "\n")
+    return {"alias": alias, "versions": summary}
