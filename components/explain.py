@@ -10,11 +10,11 @@ from PIL import Image
 from components.images import load_rgb
 
 
-def feature_layer(model):
-    """The last layer with a spatial (4-D) output: the backbone, or the custom CNN's last conv block."""
-    spatial = [layer for layer in model.layers if len(layer.output.shape) == 4 and layer.name != "preprocess"]
+def feature_index(layers) -> int:
+    """Index of the last layer with a spatial (4-D) output: the backbone, or the custom CNN's last block."""
+    spatial = [i for i, layer in enumerate(layers) if len(layer.output.shape) == 4 and layer.name != "preprocess"]
     if not spatial:
-        raise ValueError(f"model {model.name} has no spatial layer to explain")
+        raise ValueError("model has no spatial layer to explain")
     return spatial[-1]
 
 
@@ -23,10 +23,18 @@ def gradcam(model, image: np.ndarray, class_index: int | None = None) -> tuple[n
     import keras
     import tensorflow as tf
 
-    grad_model = keras.Model(model.inputs, [feature_layer(model).output, model.output])
-    batch = tf.convert_to_tensor(image[None].astype(np.float32))
+    # Our models are chains (input, preprocess, backbone or conv blocks, pooling, head), so the forward pass is
+    # split at the feature map by calling the layers in order; a nested backbone exposes no inner tensor.
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    cut = feature_index(layers)
     with tf.GradientTape() as tape:
-        features, probabilities = grad_model(batch, training=False)
+        features = tf.convert_to_tensor(image[None].astype(np.float32))
+        for layer in layers[: cut + 1]:
+            features = layer(features, training=False)
+        tape.watch(features)
+        probabilities = features
+        for layer in layers[cut + 1:]:
+            probabilities = layer(probabilities, training=False)
         target = int(tf.argmax(probabilities[0])) if class_index is None else class_index
         score = probabilities[:, target]
     gradients = tape.gradient(score, features)

@@ -75,7 +75,8 @@ def example_frame(params: Params) -> pd.DataFrame:
 def log_ensemble(params: Params):
     """Log the pyfunc ensemble in the active run; returns MLflow's ModelInfo."""
     import mlflow
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
 
     from components import tracking
     from components.predict import EnsembleModel
@@ -86,18 +87,15 @@ def log_ensemble(params: Params):
                                      "max_image_pixels": params.manifest.max_image_pixels}) + "\n")
     artifacts = {name: str(params.paths.models / name / "model.keras") for name in params.stack.models}
     artifacts |= {"stacker": str(folder / "stacker.pkl"), "meta": str(meta_path)}
-    example = example_frame(params)
-    model = EnsembleModel()
-
-    class _Context:  # the output example comes from the real model, loaded as MLflow will load it
-        def __init__(self, artifacts):
-            self.artifacts = artifacts
-    model.load_context(_Context(artifacts))
-    output = model.predict(None, example)
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, IMAGE_COLUMN)]),
+        outputs=Schema([ColSpec(DataType.string, "predicted_class")]
+                       + [ColSpec(DataType.double, f"prob_{c}") for c in params.data.classes]))
     components_dir = Path(__file__).resolve().parent
+    # MLflow validates the input example by loading the logged model and predicting it.
     return mlflow.pyfunc.log_model(
-        name="ensemble", python_model=model, artifacts=artifacts, input_example=example,
-        signature=infer_signature(example, output), code_paths=[str(components_dir)],
+        name="ensemble", python_model=EnsembleModel(), artifacts=artifacts, input_example=example_frame(params),
+        signature=signature, code_paths=[str(components_dir)],
         pip_requirements=tracking.requirements("scikit-learn", "flaml", "lightgbm", "xgboost", "mlflow"))
 
 
@@ -112,9 +110,9 @@ def run_register(params: Params) -> dict:
     if not evaluation_path.exists():
         raise FileNotFoundError(f"{evaluation_path} not found: run `braintumor evaluate` first")
     evaluation = json.loads(evaluation_path.read_text())
-    client = MlflowClient()
     registered = {}
     with tracking.stage_run(params, "register", "register") as run:
+        client = MlflowClient()  # after stage_run has pointed MLflow at the store
         tags = tracking.provenance(params)
         for name in params.stack.models:
             logged = json.loads((params.paths.models / name / "mlflow.json").read_text())

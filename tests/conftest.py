@@ -119,7 +119,7 @@ def tiny_overrides(extra: list[str] | None = None) -> list[str]:
     """`section.key=value` overrides for 32 px images, one epoch, small batches, on every model."""
     overrides = [o.format(m=m) for m in CLASSES_MODELS for o in TINY_TRAINING]
     return overrides + ["validate.min_side=16", "validate.min_class_share=0.05", "validate.max_class_share=0.6",
-                  "split.val_fraction=0.25", "train.eval_batch_size=16", "train.run_eagerly=true", "models.custom_cnn.filters=[8, 16]"] + (extra or [])
+                  "split.val_fraction=0.25", "train.eval_batch_size=16", "train.run_eagerly=true", "models.custom_cnn.filters=[8,16]"] + (extra or [])
 
 
 def tiny_params(root: Path, extra: list[str] | None = None) -> Params:
@@ -144,3 +144,47 @@ def workspace(tmp_path, monkeypatch) -> Path:
     params.paths.quarantine.write_text("path,label,reason\n")
     write_splits(params.paths, params.split, params.seed)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def trained_workspace(tmp_path_factory):
+    """Tiny data, four trained models, the stack, the evaluation and a registry: built once per session.
+
+    Tests that use it run with cwd set to it (see `in_trained`)."""
+    from components.evaluate import run_evaluate
+    from components.manifest import write_manifest
+    from components.register import run_register
+    from components.split import write_splits
+    from components.stack import run_stack
+    from components.train import train_model
+
+    root = tmp_path_factory.mktemp("trained")
+    previous = Path.cwd()
+    os.chdir(root)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        shutil.copy2(ROOT / "params.yaml", root / "params.yaml")
+        params = tiny_params(root, TRAINED_EXTRA)
+        write_tiny_dataset(root / params.paths.raw, {"Training": 12, "Testing": 4})
+        write_manifest(params.paths.raw, params.paths.manifest, params.manifest)
+        params.paths.quarantine.write_text("path,label,reason\n")
+        write_splits(params.paths, params.split, params.seed)
+        for name in params.stack.models:
+            train_model(name, params)
+        run_stack(params)
+        run_evaluate(params)
+        run_register(params)
+    finally:
+        os.chdir(previous)
+    return root
+
+
+TRAINED_EXTRA = ["stack.time_budget=3", "evaluate.gradcam_examples=1", "promote.min_accuracy=0.0",
+                 "promote.min_class_sensitivity=0.0"]
+
+
+@pytest.fixture
+def in_trained(trained_workspace, monkeypatch) -> Path:
+    monkeypatch.chdir(trained_workspace)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return trained_workspace

@@ -1,0 +1,171 @@
+import base64
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from PIL import Image
+
+from components import tracking
+from components.config import PromoteParams
+from components.predict import BadInput, predict_paths
+from components.promote import CHAMPION, gate, promote, rollback
+from tests.conftest import TRAINED_EXTRA, tiny_params
+
+CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+CHALLENGER_URI = "models:/brain-tumor-ensemble@challenger"
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def ensemble(in_trained):
+    params = tiny_params(in_trained, TRAINED_EXTRA)
+    tracking.configure(params.tracking)
+    return mlflow.pyfunc.load_model(CHALLENGER_URI)
+
+
+def test_registry_holds_five_models_with_alias_tags_and_card(in_trained):
+    params = tiny_params(in_trained, TRAINED_EXTRA)
+    tracking.configure(params.tracking)
+    client = mlflow.MlflowClient()
+    names = {m.name for m in client.search_registered_models()}
+    assert names == {f"brain-tumor-{n}" for n in [*params.stack.models, "ensemble"]}
+    for name in names:
+        version = client.get_model_version_by_alias(name, "challenger")
+        assert {"git_commit", "dvc_data_hash", "params_hash"} <= set(version.tags)
+        assert "Intended use" in version.description and "test_clean" in version.description
+    info = mlflow.models.get_model_info(CHALLENGER_URI)
+    assert info.signature.inputs.input_names() == ["image"]
+    assert info.saved_input_example_info is not None
+
+
+def test_pyfunc_round_trips_paths_and_bytes_of_any_size_and_mode(in_trained, ensemble, tmp_path):
+    test = pd.read_csv(in_trained / "data" / "splits" / "test.csv")
+    first = test.path.iloc[0]
+    rgba = tmp_path / "alpha.png"
+    Image.open(first).convert("RGBA").resize((70, 50)).save(rgba)
+    sixteen = Image.fromarray((np.asarray(Image.open(first).convert("L"), dtype=np.uint16) * 257))
+    frame = pd.DataFrame({"image": [
+        first,
+        base64.b64encode(open(first, "rb").read()).decode(),
+        str(rgba),
+        base64.b64encode(png_bytes(sixteen)).decode(),
+        base64.b64encode(png_bytes(Image.open(first).convert("RGB").resize((300, 200)))).decode(),
+    ]})
+    out = ensemble.predict(frame)
+    assert list(out.columns) == ["predicted_class", *[f"prob_{c}" for c in CLASSES]]
+    assert len(out) == 5 and set(out.predicted_class) <= set(CLASSES)
+    np.testing.assert_allclose(out.filter(like="prob_").sum(axis=1), 1.0, rtol=1e-6)
+    # The same scan as a path and as bytes gives the same answer.
+    np.testing.assert_allclose(out.iloc[0, 1:].astype(float), out.iloc[1, 1:].astype(float), rtol=1e-6)
+
+
+def test_bad_rows_get_named_errors(ensemble, in_trained):
+    good = pd.read_csv(in_trained / "data" / "splits" / "test.csv").path.iloc[0]
+    frame = pd.DataFrame({"image": [good, "/no/such/file.jpg", base64.b64encode(b"plain text").decode()]})
+    with pytest.raises(Exception) as failure:
+        ensemble.predict(frame)
+    message = str(failure.value)
+    assert "row 1" in message and "row 2" in message and "row 0" not in message
+    assert "not an image" in message
+    with pytest.raises(Exception, match=r"missing inputs \['image'\]"):
+        ensemble.predict(pd.DataFrame({"picture": [good]}))
+
+
+RULES = PromoteParams(model="ensemble", test_set="test_clean", min_accuracy=0.8, min_class_sensitivity=0.7,
+                      min_margin=0.0)
+
+
+def metrics(accuracy, sensitivity=0.9):
+    return {"accuracy": accuracy, **{f"sensitivity_{c}": sensitivity for c in CLASSES}}
+
+
+def test_gate_refuses_a_worse_challenger_and_names_why():
+    decision = gate(metrics(0.90), metrics(0.93), CLASSES, RULES)
+    assert not decision.promote and any("champion 0.9300" in r for r in decision.reasons)
+    assert not gate(metrics(0.95, sensitivity=0.5), None, CLASSES, RULES).promote
+    assert not gate(metrics(0.70), None, CLASSES, RULES).promote
+    assert gate(metrics(0.94), metrics(0.93), CLASSES, RULES).promote
+    strict = RULES.model_copy(update={"min_margin": 0.02})
+    assert not gate(metrics(0.94), metrics(0.93), CLASSES, strict).promote
+
+
+def test_promote_dry_run_refusal_promotion_and_rollback(in_trained, capsys):
+    from components.register import run_register
+
+    params = tiny_params(in_trained, TRAINED_EXTRA)
+    tracking.configure(params.tracking)
+    client = mlflow.MlflowClient()
+    name = "brain-tumor-ensemble"
+
+    dry = promote(params, dry_run=True)
+    assert "challenger v" in dry["table"] and "dry run" in dry["decision"]
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias(name, CHAMPION)
+
+    first = promote(params)
+    assert first["decision"] == "promoted"
+    v1 = client.get_model_version_by_alias(name, CHAMPION).version
+
+    run_register(params)  # a new challenger of the same quality
+    refused = promote(params.model_copy(update={"promote": params.promote.model_copy(update={"min_margin": 0.5})}))
+    assert refused["decision"] == "refused"
+    assert client.get_model_version_by_alias(name, CHAMPION).version == v1, "a refused model never becomes champion"
+    v2 = client.get_model_version_by_alias(name, "challenger").version
+    assert client.get_model_version(name, v2).tags["promotion.decision"] == "refused"
+
+    assert promote(params)["decision"] == "promoted"
+    assert client.get_model_version_by_alias(name, CHAMPION).version == v2
+    assert str(rollback(params)["champion"]) == str(v1)
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == str(v1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_served_predictions_equal_in_process_ones(in_trained, ensemble):
+    params = tiny_params(in_trained, TRAINED_EXTRA)
+    uri = tracking.configure(params.tracking)
+    paths = pd.read_csv(in_trained / "data" / "splits" / "test.csv").path.iloc[:3].tolist()
+    payload = {"dataframe_split": {"columns": ["image"],
+                                   "data": [[base64.b64encode(open(p, "rb").read()).decode()] for p in paths]}}
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", CHALLENGER_URI, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)], cwd=in_trained, env={**__import__("os").environ,
+                                                                 "MLFLOW_TRACKING_URI": uri},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                assert server.poll() is None, "mlflow models serve exited"
+                time.sleep(1)
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=120)
+        assert answer.ok, answer.text
+        served = pd.DataFrame(answer.json()["predictions"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    local = predict_paths(paths, CHALLENGER_URI)
+    assert served.predicted_class.tolist() == local.predicted_class.tolist()
+    np.testing.assert_allclose(served.filter(like="prob_").to_numpy(), local.filter(like="prob_").to_numpy(),
+                               rtol=1e-5)
