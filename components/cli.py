@@ -130,6 +130,27 @@ def _explain(args, params):
                          out)
 
 
+@command("flow train")
+def _flow_train(args, params):
+    from flows.training import run_with_runner  # Prefect lives in flows/, imported only for `flow` commands
+
+    return run_with_runner(args.params, args.params_override, args.promote)
+
+
+@command("flow predict")
+def _flow_predict(args, params):
+    from flows.inference import batch_predict
+
+    return batch_predict(args.folder, args.model_uri, args.params)
+
+
+@command("flow serve")
+def _flow_serve(args, params):
+    from flows.deploy import serve
+
+    serve(args.params)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braintumor", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -161,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", help="image files")
     predict.add_argument("--model-uri", default="models:/brain-tumor-ensemble@champion")
     predict.add_argument("--out", help="write a CSV here instead of printing it")
+    flow = sub.add_parser("flow", help="Prefect flows").add_subparsers(dest="flow_command", required=True)
+    flow_train = flow.add_parser("train", help="run train_pipeline (ephemeral Prefect server unless PREFECT_API_URL)")
+    flow_train.add_argument("--params-override", action="append", default=[], metavar="KEY=VALUE",
+                            help="written into params.yaml before the run, like `dvc exp run -S` (repeatable)")
+    flow_train.add_argument("--promote", action="store_true", default=None,
+                            help="end with the gated promotion (default: params flow.promote)")
+    flow_predict = flow.add_parser("predict", help="run batch_predict on a folder under flow.inference_root")
+    flow_predict.add_argument("folder")
+    flow_predict.add_argument("--model-uri", default="models:/brain-tumor-ensemble@champion")
+    flow.add_parser("serve", help="serve the scheduled train_pipeline deployment (cron from params)")
     explain = sub.add_parser("explain", help="Grad-CAM overlay PNG for one image")
     explain.add_argument("image")
     explain.add_argument("--model", required=True, help="base model name")

@@ -130,6 +130,19 @@ class PromoteParams(Section):
     min_margin: float = Field(ge=0)
 
 
+class FlowParams(Section):
+    runner: Literal["local", "ray"]
+    retries: int = Field(ge=0)
+    retry_delay_seconds: float = Field(ge=0)
+    promote: bool
+    cron: str
+    timezone: str
+    lock_timeout: float = Field(ge=0)
+    log_tail_lines: int = Field(ge=1)
+    inference_root: Path
+    predictions_dir: Path
+
+
 class DeviceParams(Section):
     gpus: Literal["auto"] | list[int]
     cpu_concurrency: int = Field(ge=1)
@@ -154,6 +167,7 @@ class Params(Section):
     evaluate: EvaluateParams
     register_: RegisterParams = Field(alias="register")
     promote: PromoteParams
+    flow: FlowParams
     devices: DeviceParams
     tracking: TrackingParams
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
@@ -208,3 +222,23 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None =
 
 
 Split = Literal["train", "val", "test"]
+
+
+def write_overrides(path: Path, overrides: list[str]) -> None:
+    """Write `section.key=value` overrides into the params file, keeping its comments (like `dvc exp run -S`)."""
+    from ruamel.yaml import YAML
+
+    yaml_rt = YAML()
+    document = yaml_rt.load(Path(path).read_text())
+    apply_overrides(document, overrides)
+    load_params_from = dict(yaml.safe_load(_dump(yaml_rt, document)))
+    Params.model_validate(load_params_from)  # refuse an override that makes params invalid, before writing
+    Path(path).write_text(_dump(yaml_rt, document))
+
+
+def _dump(yaml_rt, document) -> str:
+    import io
+
+    buffer = io.StringIO()
+    yaml_rt.dump(document, buffer)
+    return buffer.getvalue()

@@ -50,8 +50,12 @@ def list_files(raw_dir: Path) -> list[Path]:
 def _scan(args: tuple[Path, Path, ManifestParams]) -> ManifestRow:
     path, raw_dir, params = args
     relative = path.relative_to(raw_dir)
-    official_split = OFFICIAL_SPLITS[relative.parts[0]]
     label = relative.parts[1] if len(relative.parts) > 2 else ""
+    return _scan_one(path, raw_dir, label, OFFICIAL_SPLITS[relative.parts[0]], params)
+
+
+def _scan_one(path: Path, raw_dir: Path, label: str, official_split: str, params: ManifestParams) -> ManifestRow:
+    relative = path.relative_to(raw_dir)
     link_escapes = path.is_symlink() and not path.resolve().is_relative_to(raw_dir.resolve())
     base = dict(path=relative.as_posix(), label=label, official_split=official_split, link_escapes=link_escapes)
     if link_escapes:
@@ -65,6 +69,17 @@ def _scan(args: tuple[Path, Path, ManifestParams]) -> ManifestRow:
         return ManifestRow(**row, width=None, height=None, mode=None, dhash=None, readable=False, error=str(exc))
     return ManifestRow(**row, width=image.width, height=image.height, mode=image.mode,
                        dhash=str(imagehash.dhash(image, hash_size=params.hash_size)), readable=True, error=None)
+
+
+def scan_folder(folder: Path, params: ManifestParams) -> pd.DataFrame:
+    """Manifest rows for a flat folder of new scans (no labels): the same checks as training data."""
+    folder = Path(folder)
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+    rows = [_scan_one(f, folder, "", "inference", params) for f in files]
+    return pd.DataFrame([asdict(r) for r in rows], columns=list(ManifestRow.__dataclass_fields__))
 
 
 def build_manifest(raw_dir: Path, params: ManifestParams) -> pd.DataFrame:

@@ -188,3 +188,12 @@ def in_trained(trained_workspace, monkeypatch) -> Path:
     monkeypatch.chdir(trained_workspace)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return trained_workspace
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A throwaway Prefect API and database for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

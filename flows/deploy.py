@@ -1,0 +1,28 @@
+"""A scheduled deployment of train_pipeline (`braintumor flow serve`): cron and parameters from params.yaml."""
+
+from __future__ import annotations
+
+from prefect.client.schemas.schedules import CronSchedule
+
+from components.config import load_params
+from flows.training import train_pipeline
+
+DEPLOYMENT = "scheduled-retraining"
+
+
+def build_deployment(params_path: str = "params.yaml"):
+    params = load_params(params_path)
+    return train_pipeline.to_deployment(
+        name=DEPLOYMENT,
+        schedules=[CronSchedule(cron=params.flow.cron, timezone=params.flow.timezone)],
+        parameters={"params_path": params_path, "params_overrides": [], "promote_champion": params.flow.promote},
+        description="Retrain, stack, evaluate and register; stages DVC reports up to date are skipped.",
+        tags=["braintumor", "training"],
+    )
+
+
+def serve(params_path: str = "params.yaml") -> None:
+    """Serve the deployment from this process until stopped (Ctrl-C); runs start on schedule or on demand."""
+    from prefect import serve as prefect_serve
+
+    prefect_serve(build_deployment(params_path))

@@ -1,0 +1,78 @@
+"""`batch_predict`: score a folder of new scans with the champion ensemble.
+
+New files go through the same row-level GX checks as training data: unusable files are quarantined and listed,
+never scored and never fatal.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from components import tracking
+from components.config import Params, load_params
+from components.predict import DEFAULT_MODEL_URI, predict_paths
+
+
+class OutsideInputRoot(ValueError):
+    pass
+
+
+def checked_folder(folder: str | Path, root: Path) -> Path:
+    resolved, root = Path(folder).resolve(), Path(root).resolve()
+    if not resolved.is_relative_to(root):
+        raise OutsideInputRoot(f"{folder} is outside the input root {root} (params flow.inference_root); "
+                               "copy the scans under it or change flow.inference_root")
+    if not resolved.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    return resolved
+
+
+@task(cache_policy=NO_CACHE)
+def screen(folder: Path, params: Params, reports: Path) -> tuple[list[str], pd.DataFrame]:
+    """(paths that pass, quarantine table) from the manifest checks, run through a GX checkpoint."""
+    from components.manifest import scan_folder
+    from components.validate import manifest_expectations, quarantine_table, run_checkpoint
+
+    manifest = scan_folder(folder, params.manifest)
+    if manifest.empty:
+        return [], pd.DataFrame(columns=["path", "label", "reason"])
+    _, row_level = manifest_expectations(params.validate_params.model_copy(update={"max_quarantine_share": 1.0}),
+                                         params.data.classes)
+    escapes = manifest_expectations(params.validate_params, params.data.classes)[0][1]
+    check = run_checkpoint("batch_predict", manifest, [escapes, *row_level], "path", reports)
+    quarantine = quarantine_table(manifest, check)
+    good = manifest[~manifest.path.isin(set(quarantine.path))]
+    return [str(folder / p) for p in good.path], quarantine
+
+
+@task(cache_policy=NO_CACHE)
+def score(paths: list[str], model_uri: str) -> pd.DataFrame:
+    return predict_paths(paths, model_uri) if paths else pd.DataFrame()
+
+
+@flow(name="batch_predict", log_prints=True)
+def batch_predict(folder: str, model_uri: str = DEFAULT_MODEL_URI, params_path: str = "params.yaml") -> dict:
+    params = load_params(params_path)
+    logger = get_run_logger()
+    source = checked_folder(folder, params.flow.inference_root)
+    tracking.configure(params.tracking)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out_dir = params.flow.predictions_dir / f"{source.name}-{stamp}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, quarantine = screen(source, params, out_dir / "validation")
+    predictions = score(paths, model_uri)
+    predictions.to_csv(out_dir / "predictions.csv", index=False)
+    quarantine.to_csv(out_dir / "quarantine.csv", index=False)
+    if not predictions.empty:
+        table = predictions.assign(path=[Path(p).name for p in predictions.path]).round(4)
+        create_table_artifact(table.to_dict(orient="records"), key="batch-predictions",
+                              description=f"{len(table)} scans from {source} scored with {model_uri}")
+    logger.info("scored %d scans, quarantined %d; wrote %s", len(predictions), len(quarantine), out_dir)
+    return {"scored": len(predictions), "quarantined": quarantine.to_dict(orient="records"),
+            "predictions": str(out_dir / "predictions.csv")}
