@@ -174,6 +174,11 @@ def trained_workspace(tmp_path_factory):
         run_stack(params)
         run_evaluate(params)
         run_register(params)
+        # The same params as a file, for code that reads a params path (flows).
+        write_overrides_copy = ROOT / "params.yaml"
+        shutil.copy2(write_overrides_copy, root / "params_trained.yaml")
+        from components.config import write_overrides
+        write_overrides(root / "params_trained.yaml", tiny_overrides(TRAINED_EXTRA))
     finally:
         os.chdir(previous)
     return root
