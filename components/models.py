@@ -117,12 +117,17 @@ def backbone_of(model: keras.Model) -> keras.Model | None:
 
 
 def set_trainable(model: keras.Model, phase: str, unfreeze_layers: int) -> None:
-    """phase 'head': backbone frozen. phase 'fine_tune': top `unfreeze_layers` backbone layers trainable
-    (BatchNorm layers stay frozen). Models without a backbone train whole in both phases."""
+    """phase 'full' (from scratch): every layer trains. phase 'head': backbone frozen. phase 'fine_tune': top
+    `unfreeze_layers` backbone layers trainable (BatchNorm layers stay frozen). Models without a backbone train
+    whole in every phase."""
     backbone = backbone_of(model)
     if backbone is None:
         return
-    backbone.trainable = phase == "fine_tune"
+    backbone.trainable = phase != "head"
+    if phase == "full":
+        for layer in backbone.layers:
+            layer.trainable = True
+        return
     if phase == "fine_tune" and unfreeze_layers >= 0:
         cut = len(backbone.layers) - unfreeze_layers
         for index, layer in enumerate(backbone.layers):

@@ -98,9 +98,12 @@ def _optimizer(params: Params, learning_rate: float, steps: int):
 
 
 def _phases(model_params: ModelParams) -> list[tuple[str, int, int, float]]:
-    """(phase, first epoch, last epoch, learning rate). From scratch there is nothing to freeze: one phase."""
-    if not model_params.pretrained or model_params.head_epochs == 0:
-        return [("fine_tune", 0, model_params.epochs, model_params.learning_rate)]
+    """(phase, first epoch, last epoch, learning rate). From scratch there is nothing to freeze: one phase in
+    which every layer trains."""
+    if not model_params.pretrained:
+        return [("full", 0, model_params.epochs, model_params.learning_rate)]
+    if model_params.head_epochs == 0:
+        return [("fine_tune", 0, model_params.epochs, model_params.fine_tune_learning_rate)]
     head = min(model_params.head_epochs, model_params.epochs)
     phases = [("head", 0, head, model_params.learning_rate)]
     if model_params.epochs > head:

@@ -55,3 +55,25 @@ def test_missing_weights_file_is_named(params):
     model_params = params.model("resnet50").model_copy(update={"weights": "/nowhere/resnet.weights.h5"})
     with pytest.raises(WeightsUnavailable, match="/nowhere/resnet.weights.h5"):
         build_model("resnet50", model_params, params.train, 4)
+
+
+def test_from_scratch_trains_every_layer_and_fine_tuning_only_the_top(params):
+    from components.models import backbone_of, set_trainable
+    from components.train import _phases
+
+    scratch = params.model("mobilenetv2")
+    assert [phase for phase, *_ in _phases(scratch)] == ["full"]
+    model = build_model("mobilenetv2", scratch, params.train, 4)
+    set_trainable(model, "full", scratch.unfreeze_layers)
+    backbone = backbone_of(model)
+    assert all(layer.trainable for layer in backbone.layers)
+    assert len(model.trainable_weights) > 100
+
+    pretrained = scratch.model_copy(update={"weights": "imagenet", "head_epochs": 2, "epochs": 5})
+    assert [phase for phase, *_ in _phases(pretrained)] == ["head", "fine_tune"]
+    set_trainable(model, "head", 10)
+    assert not backbone.trainable
+    set_trainable(model, "fine_tune", 10)
+    trainable = [layer for layer in backbone.layers if layer.trainable]
+    assert 0 < len(trainable) <= 10
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in trainable)

@@ -50,7 +50,7 @@ def test_training_writes_every_output_and_one_complete_mlflow_run(workspace):
 def test_a_killed_training_resumes_from_its_saved_epoch(workspace):
     overrides = tiny_overrides(["models.custom_cnn.epochs=12", "train.early_stopping_patience=100"])
     command = ["braintumor", *[arg for o in overrides for arg in ("-S", o)], "train", "--model", "custom_cnn"]
-    metadata = workspace / ".checkpoints" / "custom_cnn" / "fine_tune" / "training_metadata.json"
+    metadata = workspace / ".checkpoints" / "custom_cnn" / "full" / "training_metadata.json"
     process = subprocess.Popen(command, cwd=workspace, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, start_new_session=True)
     try:
@@ -80,8 +80,8 @@ def test_changed_params_discard_resume_state(workspace):
     params = tiny_params(workspace)
     outputs = Outputs.of(params, "custom_cnn")
     _prepare_checkpoints(outputs, params.model("custom_cnn"))
-    (outputs.checkpoints / "fine_tune").mkdir()
+    (outputs.checkpoints / "full").mkdir()
     _prepare_checkpoints(outputs, params.model("custom_cnn"))
-    assert (outputs.checkpoints / "fine_tune").exists()
+    assert (outputs.checkpoints / "full").exists()
     _prepare_checkpoints(outputs, params.model("custom_cnn").model_copy(update={"epochs": 7}))
-    assert not (outputs.checkpoints / "fine_tune").exists()
+    assert not (outputs.checkpoints / "full").exists()
