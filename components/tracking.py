@@ -23,9 +23,11 @@ def configure(tracking: TrackingParams) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)  # note: MLflow also exports it as MLFLOW_TRACKING_URI for subprocesses
     if mlflow.get_experiment_by_name(tracking.experiment) is None:
-        location = None if "MLFLOW_TRACKING_URI" in os.environ else Path(tracking.artifact_root).resolve().as_uri()
+        # On the project's own store, artifacts live beside it; any other server picks its own location.
+        own_store = uri == tracking.tracking_uri
+        location = Path(tracking.artifact_root).resolve().as_uri() if own_store else None
         mlflow.create_experiment(tracking.experiment, artifact_location=location)
     mlflow.set_experiment(tracking.experiment)
     return uri
