@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -82,7 +83,8 @@ def log_ensemble(params: Params):
     from components.predict import EnsembleModel
 
     folder = params.paths.models / "stacker"
-    meta_path = folder / "ensemble_meta.json"
+    # Written outside models/stacker/, which is the stack stage's DVC output; MLflow copies it into the model.
+    meta_path = Path(tempfile.mkdtemp(prefix="ensemble-")) / "ensemble_meta.json"
     meta_path.write_text(json.dumps({"classes": params.data.classes, "models": params.stack.models,
                                      "max_image_pixels": params.manifest.max_image_pixels}) + "\n")
     artifacts = {name: str(params.paths.models / name / "model.keras") for name in params.stack.models}
