@@ -59,7 +59,8 @@ def make_dataset(frame: pd.DataFrame, classes: list[str], model: ModelParams, tr
         return image, label
 
     options = tf.data.Options()
-    options.deterministic = train.deterministic
+    # Evaluation rows must come out in frame order: predictions are matched to paths by position.
+    options.deterministic = train.deterministic or not training
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels)).with_options(options)
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     if train.cache == "memory":

@@ -85,3 +85,14 @@ def test_changed_params_discard_resume_state(workspace):
     assert (outputs.checkpoints / "full").exists()
     _prepare_checkpoints(outputs, params.model("custom_cnn").model_copy(update={"epochs": 7}))
     assert not (outputs.checkpoints / "full").exists()
+
+
+def test_evaluation_batches_keep_the_frame_order(workspace):
+    from components.dataset import label_indices, make_dataset, read_split
+
+    params = tiny_params(workspace)
+    frame = pd.concat([read_split(params.paths.splits, s) for s in ("train", "val", "test")]).reset_index(drop=True)
+    dataset = make_dataset(frame, params.data.classes, params.model("custom_cnn"), params.train, training=False,
+                           seed=params.seed, batch_size=5)
+    labels = np.concatenate([y.numpy() for _, y in dataset])
+    np.testing.assert_array_equal(labels, label_indices(frame, params.data.classes))
