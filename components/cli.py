@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -130,8 +131,14 @@ def _explain(args, params):
                          out)
 
 
+def _prefect_startup_timeout(params) -> None:
+    """Give Prefect's ephemeral server params' startup timeout, unless the environment already sets one."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(params.flow.server_startup_timeout))
+
+
 @command("flow train")
 def _flow_train(args, params):
+    _prefect_startup_timeout(params)
     from flows.training import run_with_runner  # Prefect lives in flows/, imported only for `flow` commands
 
     return run_with_runner(args.params, args.params_override, args.promote)
@@ -139,6 +146,7 @@ def _flow_train(args, params):
 
 @command("flow predict")
 def _flow_predict(args, params):
+    _prefect_startup_timeout(params)
     from flows.inference import batch_predict
 
     return batch_predict(args.folder, args.model_uri, args.params)

@@ -141,6 +141,7 @@ class FlowParams(Section):
     log_tail_lines: int = Field(ge=1)
     inference_root: Path
     predictions_dir: Path
+    server_startup_timeout: int = Field(ge=1)
 
 
 class DeviceParams(Section):
