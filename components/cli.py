@@ -136,6 +136,14 @@ def _prefect_startup_timeout(params) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(params.flow.server_startup_timeout))
 
 
+@command("report")
+def _report(args, params):
+    from components.report import write_report
+    from components.tracking import git_commit
+
+    return str(write_report(params, git_commit()))
+
+
 @command("flow train")
 def _flow_train(args, params):
     _prefect_startup_timeout(params)
@@ -186,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--model", help="registered model suffix (default: params promote.model)")
         if name == "promote":
             action.add_argument("--dry-run", action="store_true", help="print the comparison, change nothing")
+    sub.add_parser("report", help="write docs/results.md from the last run's outputs (params: report)")
     predict = sub.add_parser("predict", help="score images with a registered model")
     predict.add_argument("paths", nargs="+", help="image files")
     predict.add_argument("--model-uri", default="models:/brain-tumor-ensemble@champion")

@@ -149,6 +149,16 @@ class DeviceParams(Section):
     cpu_concurrency: int = Field(ge=1)
 
 
+class ReportParams(Section):
+    out: Path
+    figures: Path
+    registered: Path
+    base_model_target: float = Field(ge=0, le=1)
+    stack_target: float = Field(ge=0, le=1)
+    training_budget_minutes: float = Field(gt=0)
+    tolerance: float = Field(ge=0, le=1)
+
+
 class TrackingParams(Section):
     experiment: str
     tracking_uri: str
@@ -171,6 +181,7 @@ class Params(Section):
     flow: FlowParams
     devices: DeviceParams
     tracking: TrackingParams
+    report: ReportParams
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
 
     # `validate` and `register` are pydantic/ABC attribute names, so those sections are stored with a suffix.

@@ -11,8 +11,9 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from PIL import Image
 
-from components.images import ImageError, load_rgb
+from components.images import ImageError, open_image, to_rgb
 
 IMAGE_COLUMN = "image"
 DEFAULT_MODEL_URI = "models:/brain-tumor-ensemble@champion"
@@ -22,33 +23,44 @@ class BadInput(ValueError):
     """Rows that cannot be scored; the message names each row and why."""
 
 
-def decode_rows(values: pd.Series, max_pixels: int) -> tuple[list[bytes], list[str]]:
-    """Each value is a file path or base64-encoded image bytes; returns (bytes per row, errors)."""
-    blobs, errors = [], []
+def decode_rows(values: pd.Series, max_pixels: int) -> tuple[list[Image.Image | None], list[str]]:
+    """Each value is a file path or base64-encoded image bytes; returns (RGB image per row, errors).
+
+    Each row is decoded once, fully, so corrupt and non-image bytes are caught here, before any model runs."""
+    images, errors = [], []
     for row, value in enumerate(values):
         try:
             if isinstance(value, bytes | bytearray):
-                blobs.append(bytes(value))
+                blob = bytes(value)
             elif isinstance(value, str) and len(value) < 4096 and Path(value).is_file():
-                blobs.append(Path(value).read_bytes())
+                blob = Path(value).read_bytes()
             elif isinstance(value, str):
                 try:
-                    blobs.append(base64.b64decode(value, validate=True))
+                    blob = base64.b64decode(value, validate=True)
                 except (binascii.Error, ValueError):
                     raise ImageError("neither an existing file path nor base64 image bytes") from None
             else:
                 raise ImageError(f"expected a path or base64 string, got {type(value).__name__}")
-            load_rgb(blobs[-1], 8, max_pixels)  # decodes fully: catches corrupt and non-image bytes now
+            images.append(to_rgb(open_image(blob, max_pixels)))
         except (ImageError, OSError) as exc:
             errors.append(f"row {row}: {exc}")
-            blobs.append(b"")
-    return blobs, errors
+            images.append(None)
+    return images, errors
+
+
+def batch_at(images: list[Image.Image], size: int) -> np.ndarray:
+    """Images decoded once, resized as `components.images.load_rgb` resizes for training (a test pins this)."""
+    resized = [image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BILINEAR)
+               for image in images]
+    return np.stack([np.asarray(image, dtype=np.uint8) for image in resized]).astype(np.float32)
 
 
 class EnsembleModel(mlflow.pyfunc.PythonModel):
     """mlflow.pyfunc.PythonModel: four Keras CNNs + the FLAML stacker + the shared image decoding.
 
     Artifacts: one `<name>` .keras file per base model, `stacker` (pickle) and `meta` (classes, models)."""
+
+    batch_size = 64  # images per forward pass; predict_on_batch skips model.predict's per-call tf.data set-up
 
     def load_context(self, context) -> None:
         import keras
@@ -65,14 +77,17 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         if IMAGE_COLUMN not in model_input:
             raise BadInput(f"input needs a column {IMAGE_COLUMN!r} of file paths or base64 image bytes; "
                            f"got columns {list(model_input.columns)}")
-        blobs, errors = decode_rows(model_input[IMAGE_COLUMN], self.max_pixels)
+        images, errors = decode_rows(model_input[IMAGE_COLUMN], self.max_pixels)
         if errors:
-            raise BadInput(f"{len(errors)} of {len(blobs)} rows cannot be scored: " + "; ".join(errors))
+            raise BadInput(f"{len(errors)} of {len(images)} rows cannot be scored: " + "; ".join(errors))
+        batches: dict[int, np.ndarray] = {}  # one resize per input size, shared by models of that size
         probabilities = {}
         for name, model in self.models.items():
             size = model.input_shape[1]
-            batch = np.stack([load_rgb(blob, size, self.max_pixels) for blob in blobs]).astype(np.float32)
-            probabilities[name] = model.predict(batch, verbose=0, batch_size=64)
+            batch = batches.setdefault(size, batch_at(images, size))
+            probabilities[name] = np.concatenate([
+                np.asarray(model.predict_on_batch(batch[start:start + self.batch_size]))
+                for start in range(0, len(batch), self.batch_size)])
         stacked = self.stacker.predict_proba(probabilities)
         out = pd.DataFrame(stacked, columns=[f"prob_{c}" for c in self.classes])
         out.insert(0, "predicted_class", np.array(self.classes)[stacked.argmax(axis=1)])

@@ -72,6 +72,25 @@ def test_pyfunc_round_trips_paths_and_bytes_of_any_size_and_mode(in_trained, ens
     np.testing.assert_allclose(out.iloc[0, 1:].astype(float), out.iloc[1, 1:].astype(float), rtol=1e-6)
 
 
+def test_pyfunc_scores_raw_files_as_the_stack_stage_scored_them(in_trained, ensemble):
+    stage = pd.read_parquet(in_trained / "predictions" / "stack" / "test.parquet")
+    out = ensemble.predict(pd.DataFrame({"image": stage.path}))
+    columns = [f"prob_{c}" for c in CLASSES]
+    np.testing.assert_allclose(out[columns].to_numpy(), stage[columns].to_numpy(), atol=1e-4)
+
+
+def test_pyfunc_resizes_exactly_as_training_does(in_trained):
+    from components.images import load_rgb
+    from components.predict import batch_at, decode_rows
+
+    paths = pd.read_csv(in_trained / "data" / "splits" / "test.csv").path.iloc[:3]
+    images, errors = decode_rows(paths, 50_000_000)
+    assert not errors
+    for size in (24, 32, 57):
+        expected = np.stack([load_rgb(p, size) for p in paths]).astype(np.float32)
+        np.testing.assert_array_equal(batch_at(images, size), expected)
+
+
 def test_bad_rows_get_named_errors(ensemble, in_trained):
     good = pd.read_csv(in_trained / "data" / "splits" / "test.csv").path.iloc[0]
     frame = pd.DataFrame({"image": [good, "/no/such/file.jpg", base64.b64encode(b"plain text").decode()]})

@@ -1,0 +1,201 @@
+"""`braintumor report`: docs/results.md written from a finished run's own outputs, never typed by hand.
+
+It reads the evaluation metrics, the splits, each training's history and MLflow run, the registered versions and
+the data hash, checks the targets in params, and copies the stack's plots next to the page.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from components.config import Params, ReportParams
+from components.data_import import data_hash
+
+BASE_ROWS = ("custom_cnn", "mobilenetv2", "densenet169", "resnet50")
+TEST_SETS = {"test": "official test", "test_clean": "clean test"}
+
+
+@dataclass(frozen=True)
+class StageTime:
+    stage: str
+    run_id: str
+    seconds: float
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def comparison_table(evaluation: dict, classes: list[str]) -> str:
+    header = ["model"]
+    for label in TEST_SETS.values():
+        header += [f"{label} accuracy", f"{label} macro-F1", f"{label} tumor sensitivity"]
+    header += [f"clean {c} sensitivity" for c in classes] + ["clean ECE"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, sets in evaluation.items():
+        cells = [name]
+        for key in TEST_SETS:
+            m = sets[key]
+            cells += [_pct(m["accuracy"]), _pct(m["macro_f1"]), _pct(m["tumor_sensitivity"])]
+        cells += [_pct(sets["test_clean"][f"sensitivity_{c}"]) for c in classes]
+        cells.append(f"{sets['test_clean']['ece']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def target_checks(evaluation: dict, targets: ReportParams) -> list[tuple[str, bool, str]]:
+    """(what, met, detail) for the profile's targets on the clean test set."""
+    clean = {name: sets["test_clean"]["accuracy"] for name, sets in evaluation.items()}
+    base = {name: clean[name] for name in BASE_ROWS if name in clean}
+    checks = [(f"{name} >= {_pct(targets.base_model_target)}", acc >= targets.base_model_target, _pct(acc))
+              for name, acc in base.items()]
+    if "stack" in clean:
+        stack = clean["stack"]
+        checks.append((f"stack >= {_pct(targets.stack_target)}", stack >= targets.stack_target, _pct(stack)))
+        best_name = max(base, key=base.get)
+        checks.append((f"stack above the best single model ({best_name})", stack > base[best_name],
+                       f"{_pct(stack)} vs {_pct(base[best_name])}"))
+        if "soft_vote" in clean:
+            checks.append(("stack above soft voting", stack > clean["soft_vote"],
+                           f"{_pct(stack)} vs {_pct(clean['soft_vote'])}"))
+    return checks
+
+
+def stage_times(params: Params) -> tuple[list[StageTime], StageTime | None]:
+    """Wall time of each stage's MLflow run, and of the flow's parent run when the stages ran under one."""
+    import mlflow
+
+    from components import tracking
+
+    tracking.configure(params.tracking)
+    client = mlflow.MlflowClient()
+
+    def timed(stage: str, run) -> StageTime:
+        return StageTime(stage, run.info.run_id, (run.info.end_time - run.info.start_time) / 1000)
+
+    training_runs = {}
+    for name in params.stack.models:
+        record = params.paths.models / name / "mlflow.json"
+        if record.exists():
+            training_runs[name] = client.get_run(json.loads(record.read_text())["run_id"])
+    times = [timed(f"train@{name}", run) for name, run in training_runs.items()]
+    experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
+    parent_ids = {run.data.tags.get("mlflow.parentRunId") for run in training_runs.values()}
+    parent_id = parent_ids.pop() if len(parent_ids) == 1 else None
+    # The stage runs of the same pipeline run: children of the same parent, else the latest of each.
+    scope = f" and tags.mlflow.parentRunId = '{parent_id}'" if parent_id else ""
+    for stage in ("stack", "evaluate", "register"):
+        found = client.search_runs([experiment.experiment_id], f"tags.stage = '{stage}'{scope}",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if found and found[0].info.end_time:
+            times.append(timed(stage, found[0]))
+    parent = client.get_run(parent_id) if parent_id else None
+    return times, (timed("train_pipeline (flow)", parent) if parent and parent.info.end_time else None)
+
+
+def profile_table(params: Params) -> str:
+    lines = ["| model | image size | batch | epochs (max) | epochs run | best val accuracy | weights |",
+             "|---|---|---|---|---|---|---|"]
+    for name in params.stack.models:
+        model = params.model(name)
+        history_file = params.paths.plots / name / "history.csv"
+        history = pd.read_csv(history_file) if history_file.exists() else pd.DataFrame()
+        best = _pct(history[params.train.monitor].max()) if params.train.monitor in history else "n/a"
+        lines.append(f"| {name} | {model.image_size} | {model.batch_size} | {model.epochs} | {len(history)} | "
+                     f"{best} | {model.weights} |")
+    return "\n".join(lines)
+
+
+def write_report(params: Params, commit: str) -> Path:
+    """Write params.report.out from the run's outputs; returns its path."""
+    settings = params.report
+    evaluation = json.loads((params.paths.metrics / "evaluation.json").read_text())
+    test = pd.read_csv(params.paths.splits / "test.csv")
+    registered_file = Path(settings.registered)
+    registered = json.loads(registered_file.read_text()) if registered_file.exists() else {}
+    times, flow_time = stage_times(params)
+    training_seconds = sum(t.seconds for t in times if t.stage.startswith("train@"))
+
+    figures = Path(settings.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    plots = []
+    for source in ("confusion_stack.png", "reliability.png"):
+        if (params.paths.plots / "evaluation" / source).exists():
+            shutil.copy2(params.paths.plots / "evaluation" / source, figures / source)
+            plots.append(f"![{source}]({figures.relative_to(Path(settings.out).parent).as_posix()}/{source})")
+
+    checks = target_checks(evaluation, settings)
+    stage_lines = ["| stage | MLflow run | wall time |", "|---|---|---|"]
+    stage_lines += [f"| {t.stage} | `{t.run_id}` | {t.seconds / 60:.1f} min |" for t in times]
+    stage_lines.append(f"| **all trainings** | | **{training_seconds / 60:.1f} min** "
+                       f"(budget {settings.training_budget_minutes} min) |")
+    if flow_time:
+        stage_lines.append(f"| **{flow_time.stage}, end to end** | `{flow_time.run_id}` | "
+                           f"**{flow_time.seconds / 60:.1f} min** |")
+    versions = registered.get("versions", {})
+    version_lines = [f"- `{name}` version {v} (alias `{registered.get('alias', '')}`)" for name, v in versions.items()]
+
+    text = f"""# Results: the CPU profile on the full shared data set
+
+_Written by `braintumor report` from the run's own outputs ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC).
+Do not edit by hand: re-run the profile, then `braintumor report`._
+
+- **Code:** git commit `{commit}`
+- **Data:** DVC hash of `{params.paths.raw}` `{data_hash(params.paths.raw.with_name(params.paths.raw.name + '.dvc'))}`
+- **Machine:** {platform.machine()}, {_cpu_count()} cores, no GPU; trained from scratch (`weights: none`)
+- **Test sets:** official test {len(test)} images; clean test {int(test.clean.sum())} images (no near-duplicate
+  in the official Training folder, see `docs/near-duplicates.md`)
+
+## Profile
+
+{profile_table(params)}
+
+## Comparison on both test sets
+
+Tumor sensitivity: share of glioma, meningioma and pituitary scans not called `notumor`.
+
+{comparison_table(evaluation, params.data.classes)}
+
+## Targets (clean test)
+
+| target | met | value |
+|---|---|---|
+""" + "\n".join(f"| {what} | {'yes' if met else '**no**'} | {value} |" for what, met, value in checks) + f"""
+
+## Wall time
+
+{chr(10).join(stage_lines)}
+
+## The stack: confusion matrix (official test) and reliability
+
+{chr(10).join(plots)}
+
+## MLflow
+
+Registered by run `{registered.get('run_id', 'n/a')}`:
+
+{chr(10).join(version_lines) or '- nothing registered'}
+
+## Reproducing
+
+`dvc repro` (or `braintumor flow train`) on this commit and data, then `braintumor report`. Training is seeded but
+not bit-exact (`train.deterministic: false`; multi-threaded CPU kernels), and FLAML searches for a fixed time, so
+a re-run is expected within {_pct(settings.tolerance)} accuracy of each row above, not identical.
+"""
+    out = Path(settings.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
+
+
+def _cpu_count() -> int:
+    import os
+
+    return os.cpu_count() or 0
