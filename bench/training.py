@@ -20,7 +20,23 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results" / "training.json"
+RESULTS_DIR = Path(__file__).parent / "results"
+RESULTS = RESULTS_DIR / "training.json"
+
+
+def machine() -> str:
+    return f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_results(name: str, results: dict) -> Path:
+    path = RESULTS_DIR / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
 
 
 def timed_epoch(dataset) -> float:
@@ -83,7 +99,7 @@ def bench_training(params, frame, name: str, size: int, repeats: int) -> dict:
             "median_ratio": statistics.median(a / b for a, b in zip(ours, bound)), "goal": 0.9}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--models", nargs="+", default=["custom_cnn", "mobilenetv2", "densenet169", "resnet50"])
@@ -91,7 +107,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pipeline-epochs", type=int, default=4)
     parser.add_argument("--only", choices=["pipeline", "training"], help="run one part; keep the other's results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from components.config import load_params
     from components.dataset import read_split
@@ -99,9 +115,7 @@ def main() -> None:
     params = load_params()
     train = read_split(params.paths.splits, "train")
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-                          f"{os.cpu_count()} cores",
-               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    results = {"machine": machine(), "date": now(),
                "pipeline": [] if args.only != "training" else previous.get("pipeline", []),
                "training": [] if args.only != "pipeline" else previous.get("training", [])}
     for size in args.sizes if args.only != "training" else []:
@@ -116,11 +130,9 @@ def main() -> None:
             results["training"].append(row)
             print(f"train {name} {size}px: pipeline {row['pipeline_images_per_s']:.1f} vs in-memory "
                   f"{row['in_memory_images_per_s']:.1f} img/s -> x{row['median_ratio']:.2f} (goal 0.9)", flush=True)
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+            write_results(RESULTS.name, results)
+    print(f"wrote {write_results(RESULTS.name, results)}")
+    return results
 
 
 if __name__ == "__main__":
