@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -94,17 +95,22 @@ def params() -> Params:
     ])
 
 
-@pytest.fixture
-def project(tmp_path, monkeypatch) -> Path:
-    """A throwaway git + DVC repo holding this project's dvc.yaml and params.yaml; cwd is set to it."""
-    work = tmp_path / "project"
-    work.mkdir()
+def init_repo(work: Path) -> Path:
+    """A git + DVC repo holding this project's dvc.yaml, params.yaml and components (the stages' code deps)."""
+    work.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy2(ROOT / name, work / name)
     shutil.copytree(ROOT / "components", work / "components", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     subprocess.run(["dvc", "init", "-q"], cwd=work, check=True)
     subprocess.run(["dvc", "config", "core.autostage", "true"], cwd=work, check=True)
+    return work
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A throwaway git + DVC repo holding this project's dvc.yaml and params.yaml; cwd is set to it."""
+    work = init_repo(tmp_path / "project")
     monkeypatch.chdir(work)
     return work
 
@@ -147,38 +153,38 @@ def workspace(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_workspace(tmp_path_factory):
-    """Tiny data, four trained models, the stack, the evaluation and a registry: built once per session.
+def trained_workspace(tmp_path_factory, prefect_harness):
+    """Tiny data run end to end by `braintumor flow train`'s code path on a local Ray (flow.runner: ray), in a
+    git + DVC repo: four trained models, the stack, the evaluation and a registry. Built once per session.
 
-    Tests that use it run with cwd set to it (see `in_trained`)."""
-    from components.evaluate import run_evaluate
-    from components.manifest import write_manifest
-    from components.register import run_register
-    from components.split import write_splits
-    from components.stack import run_stack
-    from components.train import train_model
+    Right after the run it records `dvc status`, then runs the flow a second time with nothing changed (local
+    runner), before any test can touch the outputs: see tests/flows/test_training_flow_end_to_end.py.
+    Tests use the workspace through `in_trained` (cwd set to it)."""
+    import time
 
-    root = tmp_path_factory.mktemp("trained")
+    from components.config import write_overrides
+    from components.data_import import import_dataset
+    from flows.training import run_with_runner
+
+    root = init_repo(tmp_path_factory.mktemp("trained") / "repo")
     previous = Path.cwd()
     os.chdir(root)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("RAY_ADDRESS", None)
     try:
-        shutil.copy2(ROOT / "params.yaml", root / "params.yaml")
-        params = tiny_params(root, TRAINED_EXTRA)
-        write_tiny_dataset(root / params.paths.raw, {"Training": 12, "Testing": 4})
-        write_manifest(params.paths.raw, params.paths.manifest, params.manifest)
-        params.paths.quarantine.write_text("path,label,reason\n")
-        write_splits(params.paths, params.split, params.seed)
-        for name in params.stack.models:
-            train_model(name, params)
-        run_stack(params)
-        run_evaluate(params)
-        run_register(params)
-        # The same params as a file, for code that reads a params path (flows).
-        write_overrides_copy = ROOT / "params.yaml"
-        shutil.copy2(write_overrides_copy, root / "params_trained.yaml")
-        from components.config import write_overrides
-        write_overrides(root / "params_trained.yaml", tiny_overrides(TRAINED_EXTRA))
+        write_overrides(root / "params.yaml", tiny_overrides(TRAINED_EXTRA + ["flow.runner=ray"]))
+        import_dataset(str(write_tiny_dataset(root.parent / "tiny", {"Training": 12, "Testing": 4})),
+                       root / "data" / "raw")
+        record = {}
+        for run, overrides in (("first", None), ("second", ["flow.runner=local"])):
+            start = time.perf_counter()
+            record[run] = run_with_runner(str(root / "params.yaml"), overrides)
+            record[run]["seconds"] = time.perf_counter() - start
+            if run == "first":
+                status = subprocess.run(["dvc", "status", "--json"], capture_output=True, text=True, check=True)
+                record["dvc_status_after_first"] = json.loads(status.stdout or "{}")
+        (root / "flow_runs.json").write_text(json.dumps(record, indent=2, default=str))
+        shutil.copy2(root / "params.yaml", root / "params_trained.yaml")  # for code that takes a params path
     finally:
         os.chdir(previous)
     return root

@@ -1,0 +1,58 @@
+"""train_pipeline end to end on tiny data and a local Ray (the session's `trained_workspace` runs it, twice):
+every stage runs, DVC is clean afterwards, MLflow nests every stage under one parent run, Prefect holds the summary,
+and a second run with nothing changed trains nothing."""
+
+import json
+
+import mlflow
+import pytest
+
+from components import tracking
+from tests.conftest import TRAINED_EXTRA, tiny_params
+
+STAGES = ["manifest", "validate", "split", "train@custom_cnn", "train@mobilenetv2", "train@densenet169",
+          "train@resnet50", "stack", "evaluate", "register"]
+
+
+@pytest.fixture
+def runs(in_trained) -> dict:
+    return json.loads((in_trained / "flow_runs.json").read_text())
+
+
+def test_first_run_ran_every_stage_on_ray_and_left_dvc_clean(runs):
+    assert sorted(runs["first"]["ran"]) == sorted(STAGES)
+    assert runs["dvc_status_after_first"] == {}, "dvc status must be clean after the flow"
+
+
+def test_second_run_with_nothing_changed_trains_nothing_and_is_fast(runs):
+    assert runs["second"]["ran"] == []
+    assert sorted(runs["second"]["skipped"]) == sorted(STAGES)
+    assert runs["second"]["seconds"] < 0.25 * runs["first"]["seconds"], runs
+
+
+def test_every_stage_is_a_child_of_the_flow_parent_run(in_trained, runs):
+    params = tiny_params(in_trained, TRAINED_EXTRA)
+    tracking.configure(params.tracking)
+    parent_id = runs["first"]["mlflow_parent_run_id"]
+    parent = mlflow.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["prefect_flow_run_id"]
+    children = mlflow.search_runs(search_all_experiments=True,
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list")
+    names = sorted(run.info.run_name for run in children)
+    assert names == sorted([f"train-{m}" for m in params.stack.models] + ["stack", "evaluate", "register"])
+    assert all(run.data.tags["prefect_flow_run_id"] == parent.data.tags["prefect_flow_run_id"] for run in children)
+
+
+def test_prefect_holds_the_summary_artifact_of_the_run(in_trained, runs):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    tracking.configure(tiny_params(in_trained, TRAINED_EXTRA).tracking)
+    parent = mlflow.get_run(runs["first"]["mlflow_parent_run_id"])
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["train-pipeline-summary"])))
+    flow_run_ids = {str(a.flow_run_id) for a in artifacts}
+    assert parent.data.tags["prefect_flow_run_id"] in flow_run_ids
+    summary = next(a for a in artifacts if str(a.flow_run_id) == parent.data.tags["prefect_flow_run_id"])
+    assert "| stack |" in summary.data and "models:/brain-tumor-ensemble/" in summary.data
