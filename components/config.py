@@ -32,6 +32,7 @@ class Paths(Section):
     metrics: Path
     plots: Path
     checkpoints: Path
+    registered: Path
 
 
 class DataParams(Section):
@@ -152,7 +153,6 @@ class DeviceParams(Section):
 class ReportParams(Section):
     out: Path
     figures: Path
-    registered: Path
     base_model_target: float = Field(ge=0, le=1)
     stack_target: float = Field(ge=0, le=1)
     training_budget_minutes: float = Field(gt=0)

@@ -129,7 +129,7 @@ def run_register(params: Params) -> dict:
         registered[ENSEMBLE] = version.version
         mlflow.log_dict(registered, "registered_versions.json")
     summary = {registered_name(params, n): v for n, v in registered.items()}
-    out = Path("reports") / "registered.json"
+    out = params.paths.registered
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"alias": alias, "versions": summary, "run_id": run.info.run_id}, indent=2) + "\n")
     return {"alias": alias, "versions": summary}

@@ -118,7 +118,7 @@ def write_report(params: Params, commit: str) -> Path:
     settings = params.report
     evaluation = json.loads((params.paths.metrics / "evaluation.json").read_text())
     test = pd.read_csv(params.paths.splits / "test.csv")
-    registered_file = Path(settings.registered)
+    registered_file = params.paths.registered
     registered = json.loads(registered_file.read_text()) if registered_file.exists() else {}
     times, flow_time = stage_times(params)
     training_seconds = sum(t.seconds for t in times if t.stage.startswith("train@"))

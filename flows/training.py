@@ -151,7 +151,7 @@ def summary_markdown(params: Params) -> str:
         for name, by_set in evaluation.items():
             lines.append(f"| {name} | {by_set['test']['accuracy']:.4f} | {by_set['test_clean']['accuracy']:.4f} | "
                          f"{by_set['test']['macro_f1']:.4f} | {by_set['test_clean']['macro_f1']:.4f} |")
-    registered = Path("reports") / "registered.json"
+    registered = params.paths.registered
     if registered.exists():
         info = json.loads(registered.read_text())
         lines += ["", f"Registered versions (alias `{info['alias']}`):", ""]
