@@ -68,8 +68,8 @@ def target_checks(evaluation: dict, targets: ReportParams) -> list[tuple[str, bo
     return checks
 
 
-def stage_times(params: Params) -> tuple[list[StageTime], StageTime | None]:
-    """Wall time of each stage's MLflow run, and of the flow's parent run when the stages ran under one."""
+def stage_times(params: Params) -> tuple[list[StageTime], list[StageTime], list[str]]:
+    """Wall time of each stage's finished MLflow run, of the flow runs they ran under, and the trainings' commits."""
     import mlflow
 
     from components import tracking
@@ -80,24 +80,38 @@ def stage_times(params: Params) -> tuple[list[StageTime], StageTime | None]:
     def timed(stage: str, run) -> StageTime:
         return StageTime(stage, run.info.run_id, (run.info.end_time - run.info.start_time) / 1000)
 
-    training_runs = {}
+    runs = {}
     for name in params.stack.models:
         record = params.paths.models / name / "mlflow.json"
         if record.exists():
-            training_runs[name] = client.get_run(json.loads(record.read_text())["run_id"])
-    times = [timed(f"train@{name}", run) for name, run in training_runs.items()]
+            runs[f"train@{name}"] = client.get_run(json.loads(record.read_text())["run_id"])
     experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
-    parent_ids = {run.data.tags.get("mlflow.parentRunId") for run in training_runs.values()}
-    parent_id = parent_ids.pop() if len(parent_ids) == 1 else None
-    # The stage runs of the same pipeline run: children of the same parent, else the latest of each.
-    scope = f" and tags.mlflow.parentRunId = '{parent_id}'" if parent_id else ""
+    parent_ids = {run.data.tags.get("mlflow.parentRunId") for run in runs.values()} - {None}
+    # The stage runs of the same pipeline run (children of the trainings' parent), else the latest of each stage.
+    scopes = [f" and tags.mlflow.parentRunId = '{parent_ids.copy().pop()}'"] if len(parent_ids) == 1 else []
+    registered = json.loads(params.paths.registered.read_text()) if params.paths.registered.exists() else {}
+    if registered.get("run_id"):  # the run that created the versions this page lists
+        runs["register"] = client.get_run(registered["run_id"])
     for stage in ("stack", "evaluate", "register"):
-        found = client.search_runs([experiment.experiment_id], f"tags.stage = '{stage}'{scope}",
-                                   order_by=["attributes.start_time DESC"], max_results=1)
-        if found and found[0].info.end_time:
-            times.append(timed(stage, found[0]))
-    parent = client.get_run(parent_id) if parent_id else None
-    return times, (timed("train_pipeline (flow)", parent) if parent and parent.info.end_time else None)
+        for scope in [*scopes, ""] if stage not in runs else []:
+            found = client.search_runs([experiment.experiment_id],
+                                       f"tags.stage = '{stage}' and attributes.status = 'FINISHED'{scope}",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+            if found:
+                runs[stage] = found[0]
+                break
+    order = [f"train@{name}" for name in params.stack.models] + ["stack", "evaluate", "register"]
+    runs = {stage: runs[stage] for stage in order if stage in runs}
+    times = [timed(stage, run) for stage, run in runs.items()]
+    flows = []
+    for parent_id in dict.fromkeys(r.data.tags.get("mlflow.parentRunId") for r in runs.values()):
+        parent = client.get_run(parent_id) if parent_id else None
+        if parent and parent.info.end_time:
+            ran = ", ".join(stage for stage, run in runs.items() if run.data.tags.get("mlflow.parentRunId") == parent_id)
+            flows.append(timed(f"train_pipeline flow run, {parent.info.status.lower()} (ran {ran})", parent))
+    commits = sorted({run.data.tags.get("git_commit", "unknown") for stage, run in runs.items()
+                      if stage.startswith("train@")})
+    return times, flows, commits
 
 
 def profile_table(params: Params) -> str:
@@ -120,7 +134,7 @@ def write_report(params: Params, commit: str) -> Path:
     test = pd.read_csv(params.paths.splits / "test.csv")
     registered_file = params.paths.registered
     registered = json.loads(registered_file.read_text()) if registered_file.exists() else {}
-    times, flow_time = stage_times(params)
+    times, flows, training_commits = stage_times(params)
     training_seconds = sum(t.seconds for t in times if t.stage.startswith("train@"))
 
     figures = Path(settings.figures)
@@ -136,9 +150,7 @@ def write_report(params: Params, commit: str) -> Path:
     stage_lines += [f"| {t.stage} | `{t.run_id}` | {t.seconds / 60:.1f} min |" for t in times]
     stage_lines.append(f"| **all trainings** | | **{training_seconds / 60:.1f} min** "
                        f"(budget {settings.training_budget_minutes} min) |")
-    if flow_time:
-        stage_lines.append(f"| **{flow_time.stage}, end to end** | `{flow_time.run_id}` | "
-                           f"**{flow_time.seconds / 60:.1f} min** |")
+    stage_lines += [f"| {flow.stage} | `{flow.run_id}` | {flow.seconds / 60:.1f} min |" for flow in flows]
     versions = registered.get("versions", {})
     version_lines = [f"- `{name}` version {v} (alias `{registered.get('alias', '')}`)" for name, v in versions.items()]
 
@@ -147,7 +159,8 @@ def write_report(params: Params, commit: str) -> Path:
 _Written by `braintumor report` from the run's own outputs ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC).
 Do not edit by hand: re-run the profile, then `braintumor report`._
 
-- **Code:** git commit `{commit}`
+- **Code:** trained at git commit {', '.join(f"`{c}`" for c in training_commits)} (the trainings' MLflow
+  `git_commit` tags; `dvc.lock` holds the hash of every stage's code); page written at `{commit}`
 - **Data:** DVC hash of `{params.paths.raw}` `{data_hash(params.paths.raw.with_name(params.paths.raw.name + '.dvc'))}`
 - **Machine:** {platform.machine()}, {_cpu_count()} cores, no GPU; trained from scratch (`weights: none`)
 - **Test sets:** official test {len(test)} images; clean test {int(test.clean.sum())} images (no near-duplicate
