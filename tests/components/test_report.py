@@ -19,7 +19,7 @@ def test_report_is_written_from_the_run_outputs(in_trained, tmp_path):
         assert f"| {stage} | `" in text, f"no wall time for {stage}"
     registered = json.loads((in_trained / "reports" / "registered.json").read_text())
     assert registered["run_id"] in text
-    assert "git commit `abc1234`" in text
+    assert "page written at `abc1234`" in text and "trained at git commit `" in text
     assert (tmp_path / "results" / "confusion_stack.png").stat().st_size > 0
     assert "](results/confusion_stack.png)" in text
 
