@@ -130,7 +130,11 @@ def profile_table(params: Params) -> str:
 def write_report(params: Params, commit: str) -> Path:
     """Write params.report.out from the run's outputs; returns its path."""
     settings = params.report
-    evaluation = json.loads((params.paths.metrics / "evaluation.json").read_text())
+    evaluation_file = params.paths.metrics / "evaluation.json"
+    if not evaluation_file.exists():
+        raise FileNotFoundError(f"{evaluation_file} not found: run `dvc repro` (or `braintumor flow train`) "
+                                "before `braintumor report`")
+    evaluation = json.loads(evaluation_file.read_text())
     test = pd.read_csv(params.paths.splits / "test.csv")
     registered_file = params.paths.registered
     registered = json.loads(registered_file.read_text()) if registered_file.exists() else {}

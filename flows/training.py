@@ -145,12 +145,9 @@ def summary_markdown(params: Params) -> str:
     evaluation_path = params.paths.metrics / "evaluation.json"
     lines = ["# train_pipeline summary", ""]
     if evaluation_path.exists():
-        evaluation = json.loads(evaluation_path.read_text())
-        lines += ["| model | official test acc | clean test acc | official macro-F1 | clean macro-F1 |",
-                  "|---|---|---|---|---|"]
-        for name, by_set in evaluation.items():
-            lines.append(f"| {name} | {by_set['test']['accuracy']:.4f} | {by_set['test_clean']['accuracy']:.4f} | "
-                         f"{by_set['test']['macro_f1']:.4f} | {by_set['test_clean']['macro_f1']:.4f} |")
+        from components.report import comparison_table
+
+        lines.append(comparison_table(json.loads(evaluation_path.read_text()), params.data.classes))
     registered = params.paths.registered
     if registered.exists():
         info = json.loads(registered.read_text())
