@@ -12,7 +12,8 @@ def test_report_is_written_from_the_run_outputs(in_trained, tmp_path):
     evaluation = json.loads((params.paths.metrics / "evaluation.json").read_text())
 
     for name, sets in evaluation.items():
-        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |") and "%" in line)
+        comparison = text.split("## Comparison", 1)[1].split("## Targets", 1)[0]
+        row = next(line for line in comparison.splitlines() if line.startswith(f"| {name} |"))
         assert f"{100 * sets['test']['accuracy']:.1f}%" in row
         assert f"{100 * sets['test_clean']['accuracy']:.1f}%" in row
     for stage in ["train@" + m for m in params.stack.models] + ["stack", "evaluate", "register"]:
