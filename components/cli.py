@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from components.config import Params, load_params
+from components.config import Params, ProjectError, load_params
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Params], object]] = {}
 
@@ -144,16 +144,24 @@ def _report(args, params):
     return str(write_report(params, git_commit()))
 
 
+def _refuse_overrides(args, why: str) -> None:
+    if args.overrides:
+        raise ProjectError(f"-S {' -S '.join(args.overrides)}: `braintumor flow {args.flow_command}` does not take "
+                           f"overrides: {why}")
+
+
 @command("flow train")
 def _flow_train(args, params):
     _prefect_startup_timeout(params)
     from flows.training import run_with_runner  # Prefect lives in flows/, imported only for `flow` commands
 
-    return run_with_runner(args.params, args.params_override, args.promote)
+    # -S is written into params.yaml under the run lock (as `dvc exp run -S` does), so DVC and the flow agree.
+    return run_with_runner(args.params, args.overrides, args.promote)
 
 
 @command("flow predict")
 def _flow_predict(args, params):
+    _refuse_overrides(args, "batch_predict reads params.yaml as committed; edit it, or pass --params FILE")
     _prefect_startup_timeout(params)
     from flows.inference import batch_predict
 
@@ -162,6 +170,7 @@ def _flow_predict(args, params):
 
 @command("flow serve")
 def _flow_serve(args, params):
+    _refuse_overrides(args, "every scheduled run reads params.yaml afresh; edit and commit it instead")
     from flows.deploy import serve
 
     serve(args.params)
@@ -200,9 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model-uri", default="models:/brain-tumor-ensemble@champion")
     predict.add_argument("--out", help="write a CSV here instead of printing it")
     flow = sub.add_parser("flow", help="Prefect flows").add_subparsers(dest="flow_command", required=True)
-    flow_train = flow.add_parser("train", help="run train_pipeline (ephemeral Prefect server unless PREFECT_API_URL)")
-    flow_train.add_argument("--params-override", action="append", default=[], metavar="KEY=VALUE",
-                            help="written into params.yaml before the run, like `dvc exp run -S` (repeatable)")
+    flow_train = flow.add_parser("train", help="run train_pipeline (ephemeral Prefect server unless PREFECT_API_URL);"
+                                 " -S KEY=VALUE is written into params.yaml under the run lock, like `dvc exp run -S`")
     flow_train.add_argument("--promote", action="store_true", default=None,
                             help="end with the gated promotion (default: params flow.promote)")
     flow_predict = flow.add_parser("predict", help="run batch_predict on a folder under flow.inference_root")
@@ -225,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(Path(args.params), args.overrides)
         _print(COMMANDS[name](args, params))
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
-        print(f"braintumor {name}: error: {exc}", file=sys.stderr)
+    except (FileNotFoundError, ProjectError) as exc:  # anything else is a bug: its traceback is kept
+        if args.verbose:
+            raise
+        print(f"braintumor {name}: error: {exc}\n(run `braintumor -v ...` for the traceback)", file=sys.stderr)
         return 1
     return 0
 

@@ -8,9 +8,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ProjectError(RuntimeError):
+    """An error the user can fix (bad params, a missing input, commands run out of order). The CLI prints its
+    message alone; any other exception is a bug and keeps its traceback."""
+
+
+class ParamsError(ProjectError, ValueError):
+    """params.yaml, or an override of it, is invalid."""
 
 
 class Section(BaseModel):
@@ -33,6 +42,7 @@ class Paths(Section):
     plots: Path
     checkpoints: Path
     registered: Path
+    evaluation_report: Path
 
 
 class DataParams(Section):
@@ -58,6 +68,14 @@ class SplitParams(Section):
     near_duplicate_distance: int = Field(ge=0)
     clean_distance: int = Field(ge=0)
     val_fraction: float = Field(gt=0, lt=1)
+    gate_fraction: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _holdouts_leave_training(self) -> SplitParams:
+        if self.val_fraction + self.gate_fraction >= 1:
+            raise ValueError(f"split.val_fraction + split.gate_fraction = {self.val_fraction + self.gate_fraction} "
+                             "leaves nothing to train on; their sum must be below 1")
+        return self
 
 
 class TrainParams(Section):
@@ -125,14 +143,15 @@ class RegisterParams(Section):
 
 class PromoteParams(Section):
     model: str
-    test_set: Literal["test", "test_clean"]
     min_accuracy: float = Field(ge=0, le=1)
     min_class_sensitivity: float = Field(ge=0, le=1)
-    min_margin: float = Field(ge=0)
+    alpha: float = Field(gt=0, lt=1)
+    tie_rule: Literal["keep_champion", "challenger_if_not_worse"]
 
 
 class FlowParams(Section):
     runner: Literal["local", "ray"]
+    device_stages: list[str]
     retries: int = Field(ge=0)
     retry_delay_seconds: float = Field(ge=0)
     promote: bool
@@ -182,7 +201,7 @@ class Params(Section):
     devices: DeviceParams
     tracking: TrackingParams
     report: ReportParams
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     # `validate` and `register` are pydantic/ABC attribute names, so those sections are stored with a suffix.
     @property
@@ -195,7 +214,7 @@ class Params(Section):
 
     def model(self, name: str) -> ModelParams:
         if name not in self.models:
-            raise KeyError(f"params.yaml has no models.{name}; known models: {', '.join(self.models)}")
+            raise ParamsError(f"params.yaml has no models.{name}; known models: {', '.join(self.models)}")
         return self.models[name]
 
     def digest(self) -> str:
@@ -209,15 +228,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep:
-            raise ValueError(f"override {override!r} is not of the form section.key=value")
+            raise ParamsError(f"override {override!r} is not of the form section.key=value")
         node = raw
         *parents, leaf = key.split(".")
         for part in parents:
             if not isinstance(node.get(part), dict):
-                raise KeyError(f"override {override!r}: params has no section {part!r}")
+                raise ParamsError(f"override {override!r}: params has no section {part!r}")
             node = node[part]
         if leaf not in node:
-            raise KeyError(f"override {override!r}: params has no key {key!r}")
+            raise ParamsError(f"override {override!r}: params has no key {key!r}")
         node[leaf] = yaml.safe_load(value)
     return raw
 
@@ -230,10 +249,10 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None =
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise ValueError(f"{path} is invalid:\n{exc}") from None
+        raise ParamsError(f"{path} is invalid:\n{exc}") from None
 
 
-Split = Literal["train", "val", "test"]
+Split = Literal["train", "val", "gate", "test"]
 
 
 def write_overrides(path: Path, overrides: list[str]) -> None:
@@ -244,7 +263,10 @@ def write_overrides(path: Path, overrides: list[str]) -> None:
     document = yaml_rt.load(Path(path).read_text())
     apply_overrides(document, overrides)
     load_params_from = dict(yaml.safe_load(_dump(yaml_rt, document)))
-    Params.model_validate(load_params_from)  # refuse an override that makes params invalid, before writing
+    try:  # refuse an override that makes params invalid, before writing
+        Params.model_validate(load_params_from)
+    except ValidationError as exc:
+        raise ParamsError(f"overrides {overrides} would make {path} invalid:\n{exc}") from None
     Path(path).write_text(_dump(yaml_rt, document))
 
 

@@ -13,11 +13,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from components.config import ProjectError
+
 KAGGLE_PREFIX = "kaggle:"
 LAYOUT = ("Training", "Testing")
 
 
-class ImportFailed(RuntimeError):
+class ImportFailed(ProjectError):
     pass
 
 
@@ -48,17 +50,9 @@ def _download_kaggle(dataset: str, into: Path) -> Path:
     return into
 
 
-def _copy_visible(source: Path, target: Path) -> int:
-    copied = 0
-    for dirpath, dirnames, filenames in os.walk(source):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        relative = Path(dirpath).relative_to(source)
-        (target / relative).mkdir(parents=True, exist_ok=True)
-        for name in filenames:
-            if not name.startswith("."):
-                shutil.copy2(Path(dirpath) / name, target / relative / name, follow_symlinks=False)
-                copied += 1
-    return copied
+def _hidden(folder: str, names: list[str]) -> set[str]:
+    """shutil.copytree ignore: dot files and dot folders (such as `.ipynb_checkpoints`) are not data."""
+    return {name for name in names if name.startswith(".")}
 
 
 def import_dataset(source: str, raw_dir: Path, run_dvc_add: bool = True) -> dict:
@@ -83,7 +77,9 @@ def import_dataset(source: str, raw_dir: Path, run_dvc_add: bool = True) -> dict
                 raise ImportFailed(f"{source} is not a folder, a .zip or kaggle:<owner>/<dataset>")
             origin = _find_layout_root(Path(source))
         staged = scratch / "raw"
-        files = sum(_copy_visible(origin / part, staged / part) for part in LAYOUT)
+        for part in LAYOUT:
+            shutil.copytree(origin / part, staged / part, ignore=_hidden, symlinks=True)
+        files = sum(1 for part in LAYOUT for path in (staged / part).rglob("*") if not path.is_dir())
         if raw_dir.exists():
             shutil.rmtree(raw_dir)
         staged.rename(raw_dir)

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from components.config import DeviceParams, TrainParams
+from components.config import DeviceParams, ParamsError, TrainParams
 
 GPUS_ENV = "BRAINTUMOR_GPUS"  # comma-separated GPU ids; overrides params devices.gpus ("" means CPU only)
 
@@ -33,7 +33,7 @@ def resolve_gpus(params: DeviceParams) -> list[int]:
         try:
             return [int(part) for part in text.split(",") if part.strip()]
         except ValueError:
-            raise ValueError(f"{GPUS_ENV}={text!r} must be comma-separated GPU ids, e.g. 0,1") from None
+            raise ParamsError(f"{GPUS_ENV}={text!r} must be comma-separated GPU ids, e.g. 0,1") from None
     if params.gpus == "auto":
         return detect_gpus()
     return list(params.gpus)

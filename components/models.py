@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from components.config import ModelParams, TrainParams
+from components.config import ModelParams, ParamsError, ProjectError, TrainParams
 
 KERAS_CACHE = Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "models"
 
@@ -37,7 +37,7 @@ ARCHITECTURES = _applications()
 MODEL_NAMES = tuple(ARCHITECTURES)
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(ProjectError):
     pass
 
 
@@ -92,7 +92,7 @@ def _custom_cnn(params: ModelParams, x: keras.KerasTensor) -> keras.KerasTensor:
 def build_model(name: str, params: ModelParams, train: TrainParams, num_classes: int) -> keras.Model:
     """Preprocessing, backbone, then the shared head (dropout, dense, softmax)."""
     if name not in ARCHITECTURES:
-        raise KeyError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+        raise ParamsError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     inputs = keras.Input((params.image_size, params.image_size, 3), name="image")
     x = preprocess_layer(ARCHITECTURES[name].preprocess)(inputs)
     if name == "custom_cnn":

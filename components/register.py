@@ -131,5 +131,8 @@ def run_register(params: Params) -> dict:
     summary = {registered_name(params, n): v for n, v in registered.items()}
     out = params.paths.registered
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"alias": alias, "versions": summary, "run_id": run.info.run_id}, indent=2) + "\n")
+    # The versions and the run exist in one MLflow store: the record names it (never with credentials).
+    record = {"tracking_uri": tracking.public_uri(mlflow.get_tracking_uri()), "alias": alias, "versions": summary,
+              "run_id": run.info.run_id}
+    out.write_text(json.dumps(record, indent=2) + "\n")
     return {"alias": alias, "versions": summary}

@@ -7,6 +7,7 @@ import platform
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 
@@ -18,6 +19,24 @@ PARENT_RUN_ENV = "BRAINTUMOR_PARENT_RUN_ID"
 FLOW_RUN_ENV = "BRAINTUMOR_FLOW_RUN_ID"
 
 
+def same_store(uri: str, default: str) -> bool:
+    """Whether `uri` names the project's default store (a sqlite URI may spell the same file another way)."""
+    if uri == default:
+        return True
+    sqlite = "sqlite:///"
+    if uri.startswith(sqlite) and default.startswith(sqlite):
+        return Path(uri.removeprefix(sqlite)).resolve() == Path(default.removeprefix(sqlite)).resolve()
+    return False
+
+
+def public_uri(uri: str) -> str:
+    """The tracking URI without any user:password part, fit for files, tags and logs."""
+    parts = urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
 def configure(tracking: TrackingParams) -> str:
     """Point MLflow at MLFLOW_TRACKING_URI, or at the project's sqlite store; create the experiment."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.tracking_uri
@@ -26,8 +45,7 @@ def configure(tracking: TrackingParams) -> str:
     mlflow.set_tracking_uri(uri)  # note: MLflow also exports it as MLFLOW_TRACKING_URI for subprocesses
     if mlflow.get_experiment_by_name(tracking.experiment) is None:
         # On the project's own store, artifacts live beside it; any other server picks its own location.
-        own_store = uri == tracking.tracking_uri
-        location = Path(tracking.artifact_root).resolve().as_uri() if own_store else None
+        location = Path(tracking.artifact_root).resolve().as_uri() if same_store(uri, tracking.tracking_uri) else None
         mlflow.create_experiment(tracking.experiment, artifact_location=location)
     mlflow.set_experiment(tracking.experiment)
     return uri
@@ -79,14 +97,12 @@ def stage_run(params: Params, run_name: str, stage: str):
         yield run
 
 
-def flatten(prefix: str, value) -> dict[str, object]:
-    """Nested params -> {'a.b.c': value} for mlflow.log_params."""
-    if isinstance(value, dict):
-        out = {}
-        for key, inner in value.items():
-            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
-        return out
-    return {prefix: value}
+def flatten(prefix: str, value: dict) -> dict[str, object]:
+    """Nested params -> {'prefix.a.b': value} for mlflow.log_params."""
+    import pandas as pd
+
+    flat = pd.json_normalize(value, sep=".").iloc[0].to_dict()
+    return {f"{prefix}.{key}" if prefix else key: inner for key, inner in flat.items()}
 
 
 def requirements(*extra: str) -> list[str]:

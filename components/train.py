@@ -111,11 +111,12 @@ def _phases(model_params: ModelParams) -> list[tuple[str, int, int, float]]:
     return phases
 
 
-def predict_frame(model, frame: pd.DataFrame, params: Params, model_params: ModelParams) -> pd.DataFrame:
+def predict_frame(model, frame: pd.DataFrame, params: Params, model_params: ModelParams,
+                  cache_dir: Path) -> pd.DataFrame:
     from components.dataset import make_dataset
 
     dataset = make_dataset(frame, params.data.classes, model_params, params.train, training=False,
-                           seed=params.seed)
+                           seed=params.seed, cache_dir=cache_dir)
     probabilities = model.predict(dataset, verbose=0)
     keep = [c for c in ("path", "label", "clean") if c in frame]
     return pd.concat([frame[keep].reset_index(drop=True),
@@ -193,7 +194,8 @@ def train_model(name: str, params: Params) -> TrainResult:
                 model.save_weights(head_done)
 
         model.save(outputs.model)
-        predictions = {split: predict_frame(model, frames[split], params, model_params) for split in ("val", "test")}
+        predictions = {split: predict_frame(model, frames[split], params, model_params, cache_dir)
+                       for split in ("val", "test")}
         for split, frame in predictions.items():
             frame.to_parquet(outputs.predictions / f"{split}.parquet", index=False)
         metrics = split_metrics(predictions, classes)
@@ -211,9 +213,10 @@ def train_model(name: str, params: Params) -> TrainResult:
         example = np.zeros((1, model_params.image_size, model_params.image_size, 3), dtype=np.float32)
         logged = tracking.log_keras_model(model, example)
         run_id = run.info.run_id
-        # Lets the register stage find this exact model in MLflow.
+        # Lets the register stage find this exact model in MLflow, in the store named here.
         (outputs.model.parent / "mlflow.json").write_text(json.dumps(
-            {"run_id": run_id, "model_uri": logged.model_uri, "model_id": logged.model_id}, indent=2) + "\n")
+            {"tracking_uri": tracking.public_uri(mlflow.get_tracking_uri()), "run_id": run_id,
+             "model_uri": logged.model_uri, "model_id": logged.model_id}, indent=2) + "\n")
 
     shutil.rmtree(outputs.checkpoints, ignore_errors=True)  # finished: nothing left to resume
     keras.backend.clear_session()

@@ -18,13 +18,13 @@ import great_expectations.expectations as gxe
 import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
-from components.config import ValidateParams
+from components.config import ProjectError, ValidateParams
 from components.images import PLAIN_MODES
 
 log = logging.getLogger(__name__)
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(ProjectError):
     """A hard expectation failed; the message names each one."""
 
 

@@ -1,18 +1,19 @@
-"""A scheduled deployment of train_pipeline (`braintumor flow serve`): cron and parameters from params.yaml."""
+"""A scheduled deployment of train_pipeline (`braintumor flow serve`): cron, parameters and task runner from
+params.yaml, read when the deployment is served."""
 
 from __future__ import annotations
 
 from prefect.client.schemas.schedules import CronSchedule
 
 from components.config import load_params
-from flows.training import train_pipeline
+from flows.training import configured_flow
 
 DEPLOYMENT = "scheduled-retraining"
 
 
 def build_deployment(params_path: str = "params.yaml"):
     params = load_params(params_path)
-    return train_pipeline.to_deployment(
+    return configured_flow(params).to_deployment(
         name=DEPLOYMENT,
         schedules=[CronSchedule(cron=params.flow.cron, timezone=params.flow.timezone)],
         parameters={"params_path": params_path, "params_overrides": [], "promote_champion": params.flow.promote},

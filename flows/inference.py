@@ -15,11 +15,11 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from components import tracking
-from components.config import Params, load_params
+from components.config import Params, ProjectError, load_params
 from components.predict import DEFAULT_MODEL_URI, predict_paths
 
 
-class OutsideInputRoot(ValueError):
+class OutsideInputRoot(ProjectError):
     pass
 
 

@@ -1,8 +1,10 @@
-"""`train_pipeline`: the DVC pipeline as a Prefect 3 flow.
+"""`train_pipeline`: DVC's pipeline run by Prefect 3.
 
-Each task is one DVC stage and calls the same component (or, for trainings, the same `braintumor train`
-command) as `dvc repro`. A stage DVC reports up to date is skipped; a stage the flow ran is `dvc commit`-ed, so
-`dvc status` is clean afterwards and a following `dvc repro` runs nothing.
+The flow holds no copy of the pipeline. The stages, their order and their commands come from `dvc.yaml`
+(flows.dvc_stages); each task runs one stage's own `cmd` in a subprocess, exactly as `dvc repro` would, so a
+long-lived `braintumor flow serve` always runs today's code. Stages of one generation (the four trainings) run in
+parallel, each training on its own device slot. A stage `dvc status` reports up to date is skipped; a stage that
+ran is committed to dvc.lock once its dependencies are checked unchanged, so afterwards `dvc status` is clean.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import time
 from pathlib import Path
 
 import mlflow
@@ -22,122 +24,135 @@ from prefect.context import get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from components import tracking
-from components.config import Params, load_params, write_overrides
+from components.config import Params, ProjectError, load_params, write_overrides
 from components.devices import DeviceSlots, process_env, resolve_gpus
-from flows.dvc_sync import commit, run_lock, stage_up_to_date
+from flows.dvc_stages import (
+    StageSpec,
+    commit_unchanged,
+    dependency_fingerprints,
+    pipeline_generations,
+    run_lock,
+    stale_stages,
+)
 
-DATA_STAGES = ("manifest", "validate")
 
-
-class TrainingFailed(RuntimeError):
+class StageFailed(ProjectError):
     pass
-
-
-def dvc_step(stage: str, root: Path, action: Callable[[], object]) -> dict:
-    """Run `action` unless DVC says `stage` is up to date; then record its outputs in dvc.lock."""
-    logger = get_run_logger()
-    if stage_up_to_date(stage, root):
-        logger.info("%s is up to date: skipped", stage)
-        return {"stage": stage, "ran": False}
-    logger.info("running %s", stage)
-    result = action()
-    commit(stage, root)
-    return {"stage": stage, "ran": True, "result": result}
-
-
-@task(cache_policy=NO_CACHE)
-def validate_data(params: Params, root: Path) -> list[dict]:
-    import pandas as pd
-
-    from components.manifest import write_manifest
-    from components.validate import validate_manifest
-
-    p = params.paths
-    return [
-        dvc_step("manifest", root, lambda: len(write_manifest(p.raw, p.manifest, params.manifest))),
-        dvc_step("validate", root, lambda: validate_manifest(
-            pd.read_parquet(p.manifest), params.validate_params, params.data.classes, p.validation_reports,
-            p.quarantine, p.validation_summary)["quarantined"]),
-    ]
-
-
-@task(cache_policy=NO_CACHE)
-def split_data(params: Params, root: Path) -> dict:
-    from components.split import write_splits
-
-    return dvc_step("split", root, lambda: write_splits(params.paths, params.split, params.seed)["clean_test"])
-
-
-def training_command(model: str) -> list[str]:
-    """The DVC stage's command, run with this interpreter."""
-    return [sys.executable, "-m", "components.cli", "train", "--model", model]
 
 
 def log_tail(path: Path, lines: int) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-@task(cache_policy=NO_CACHE)
-def train(model: str, params: Params, root: Path, slots: DeviceSlots | None, env_extra: dict[str, str]) -> dict:
-    """One training in its own process. With `slots`, the process gets one free device (a GPU id, or a CPU slot);
-    under Ray, `slots` is None and Ray has already set CUDA_VISIBLE_DEVICES for this worker."""
-    logger = get_run_logger()
-    stage = f"train@{model}"
-    if stage_up_to_date(stage, root):
-        logger.info("%s is up to date: skipped", stage)
-        return {"stage": stage, "ran": False}
-    log_path = root / "logs" / f"train-{model}.log"
+def stage_environment(base: dict[str, str]) -> dict[str, str]:
+    """The stage's environment, with this interpreter's scripts first on PATH so that `braintumor` in a
+    dvc.yaml command is the one installed beside the running flow."""
+    scripts = str(Path(sys.executable).parent)
+    return {**base, "PATH": os.pathsep.join([scripts, base.get("PATH", "")])}
+
+
+def run_command(spec: StageSpec, root: Path, env: dict[str, str], log_path: Path, tail_lines: int) -> float:
+    """Run the stage's dvc.yaml command in its working directory; its output goes to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        # Through the shell, as `dvc repro` runs a stage's cmd.
+        code = subprocess.run(spec.cmd, shell=True, cwd=root / spec.wdir, env=stage_environment(env),
+                              stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise StageFailed(f"{spec.name} failed (exit {code}); last lines of {log_path}:\n"
+                          f"{log_tail(log_path, tail_lines)}")
+    return time.perf_counter() - start
 
-    def run(device: int | None | str) -> int:
-        env = {**(process_env(device) if slots is not None else dict(os.environ)), **env_extra}
-        logger.info("%s starts on %s (CUDA_VISIBLE_DEVICES=%r)", stage,
-                    "CPU" if not env.get("CUDA_VISIBLE_DEVICES") else "GPU", env.get("CUDA_VISIBLE_DEVICES"))
-        with open(log_path, "w") as log:
-            return subprocess.run(training_command(model), cwd=root, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT).returncode
 
+@task(cache_policy=NO_CACHE)
+def run_stage(spec: StageSpec, root: Path, env: dict[str, str], slots: DeviceSlots | None,
+              tail_lines: int) -> dict:
+    """One DVC stage's command in its own process. With `slots` it waits for a free device (a GPU id or a CPU
+    slot) and gets it through CUDA_VISIBLE_DEVICES; under Ray, Ray has already set that for this worker."""
+    logger = get_run_logger()
+    log_path = root / "logs" / f"{spec.name.replace('@', '-')}.log"
     if slots is None:
-        code = run(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        seconds = run_command(spec, root, env, log_path, tail_lines)
     else:
         with slots.acquire() as device:
-            code = run(device)
-    if code != 0:
-        raise TrainingFailed(f"{stage} failed (exit {code}); last lines of {log_path}:\n"
-                             f"{log_tail(log_path, params.flow.log_tail_lines)}")
-    commit(stage, root)
-    logger.info("%s finished", stage)
-    return {"stage": stage, "ran": True}
+            device_env = process_env(device, env)
+            logger.info("%s starts on %s", spec.name, f"GPU {device}" if slots.gpus else "the CPU")
+            seconds = run_command(spec, root, device_env, log_path, tail_lines)
+    logger.info("%s finished in %.0f s", spec.name, seconds)
+    return {"stage": spec.name, "seconds": seconds}
 
 
 @task(cache_policy=NO_CACHE)
-def stack(params: Params, root: Path) -> dict:
-    from components.stack import run_stack
-
-    return dvc_step("stack", root, lambda: run_stack(params)["best_estimator"])
-
-
-@task(cache_policy=NO_CACHE)
-def evaluate(params: Params, root: Path) -> dict:
-    from components.evaluate import run_evaluate
-
-    return dvc_step("evaluate", root, lambda: run_evaluate(params)["report"])
+def promote(root: Path, env: dict[str, str], tail_lines: int) -> str:
+    """The gated promotion, as `braintumor promote` (not a DVC stage: it changes the registry, not files)."""
+    spec = StageSpec("promote", "braintumor promote", Path("."))
+    log_path = root / "logs" / "promote.log"
+    run_command(spec, root, env, log_path, tail_lines)
+    output = log_path.read_text()
+    get_run_logger().info("promotion:\n%s", output)
+    return output
 
 
-@task(cache_policy=NO_CACHE)
-def register(params: Params, root: Path) -> dict:
-    from components.register import run_register
+def task_runner(params: Params):
+    if params.flow.runner == "ray":
+        from prefect_ray import RayTaskRunner
 
-    return dvc_step("register", root, lambda: run_register(params))
+        return RayTaskRunner(address=os.environ.get("RAY_ADDRESS"))
+    return ThreadPoolTaskRunner(max_workers=max(len(params.stack.models), 1))
 
 
-@task(cache_policy=NO_CACHE)
-def promote(params: Params) -> dict:
-    from components.promote import promote as gated_promote
+def configured_flow(params: Params):
+    """train_pipeline with the task runner params.yaml asks for (local threads or Ray); used by direct runs and
+    by the served deployment alike."""
+    return train_pipeline.with_options(task_runner=task_runner(params))
 
-    result = gated_promote(params)
-    get_run_logger().info("promotion: %s\n%s", result["decision"], result["table"])
-    return result
+
+def submit_generation(specs: list[StageSpec], params: Params, root: Path, env: dict[str, str]) -> list:
+    """Submit one generation of stages; stages in `flow.device_stages` take a device slot each (with Ray, a GPU
+    each when the cluster has GPUs) and are retried `flow.retries` times."""
+    device_specs = [s for s in specs if s.group in params.flow.device_stages]
+    retried = run_stage.with_options(retries=params.flow.retries,
+                                     retry_delay_seconds=params.flow.retry_delay_seconds)
+    tail = params.flow.log_tail_lines
+    futures = [run_stage.submit(s, root, env, None, tail) for s in specs if s not in device_specs]
+    if not device_specs:
+        return futures
+    gpus = resolve_gpus(params.devices)
+    if params.flow.runner == "ray":
+        from prefect_ray.context import remote_options
+
+        with remote_options(num_gpus=1 if gpus else 0):
+            return futures + [retried.submit(s, root, env, None, tail) for s in device_specs]
+    slots = DeviceSlots(gpus, params.devices.cpu_concurrency)
+    get_run_logger().info("running %s on %s", ", ".join(s.name for s in device_specs),
+                          f"GPUs {slots.gpus}" if slots.gpus else f"the CPU, {slots.capacity} at a time")
+    return futures + [retried.submit(s, root, env, slots, tail) for s in device_specs]
+
+
+def run_generations(params: Params, root: Path, env: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Every dvc.yaml stage, generation by generation; returns (stages run, stages skipped)."""
+    logger = get_run_logger()
+    ran, skipped = [], []
+    for generation in pipeline_generations(root):
+        names = [s.name for s in generation]
+        stale = set(stale_stages(names, root))
+        skipped += [n for n in names if n not in stale]
+        todo = [s for s in generation if s.name in stale]
+        if not todo:
+            logger.info("up to date, skipped: %s", ", ".join(names))
+            continue
+        started_with = dependency_fingerprints([s.name for s in todo], root)
+        futures = submit_generation(todo, params, root, env)
+        outcomes = [f.result(raise_on_failure=False) for f in futures]  # every stage of the generation ends
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        for outcome in outcomes:
+            if not isinstance(outcome, BaseException):
+                commit_unchanged(outcome["stage"], started_with[outcome["stage"]], root)
+                ran.append(outcome["stage"])
+        if failures:
+            raise StageFailed("\n\n".join(str(f) for f in failures))
+    return ran, skipped
 
 
 def summary_markdown(params: Params) -> str:
@@ -162,83 +177,46 @@ def tracking_ui_link(name: str, version: str | int) -> str:
     return f"{base}/#/models/{name}/versions/{version}"
 
 
-def task_runner(params: Params):
-    if params.flow.runner == "ray":
-        from prefect_ray import RayTaskRunner
-
-        return RayTaskRunner(address=os.environ.get("RAY_ADDRESS"))
-    return ThreadPoolTaskRunner(max_workers=max(len(params.stack.models), 1))
-
-
-def submit_trainings(params: Params, root: Path, env_extra: dict[str, str]) -> list:
-    """Submit every training; with Ray each asks for one GPU when the cluster has GPUs."""
-    models = params.stack.models
-    retried = train.with_options(retries=params.flow.retries, retry_delay_seconds=params.flow.retry_delay_seconds)
-    if params.flow.runner == "ray":
-        from prefect_ray.context import remote_options
-
-        gpus = resolve_gpus(params.devices)
-        with remote_options(num_gpus=1 if gpus else 0):
-            return [retried.submit(m, params, root, None, env_extra) for m in models]
-    slots = DeviceSlots(resolve_gpus(params.devices), params.devices.cpu_concurrency)
-    get_run_logger().info("training %s on %s", ", ".join(models),
-                          f"GPUs {slots.gpus}" if slots.gpus else f"CPU, {slots.capacity} at a time")
-    return [retried.submit(m, params, root, slots, env_extra) for m in models]
-
-
 @flow(name="train_pipeline", log_prints=True)
 def train_pipeline(params_path: str = "params.yaml", params_overrides: list[str] | None = None,
                    promote_champion: bool | None = None) -> dict:
-    """Validate, split, train the four CNNs in parallel, stack, evaluate, register, and optionally promote."""
+    """Every dvc.yaml stage (validate, split, the trainings in parallel, stack, evaluate, register), then
+    optionally the gated promotion."""
     root = Path(params_path).resolve().parent
     logger = get_run_logger()
-    if params_overrides:  # written into params.yaml, as `dvc exp run -S` does, so DVC sees the same values
-        write_overrides(Path(params_path), params_overrides)
-    params = load_params(params_path)
-    with run_lock(params.flow.lock_timeout, root):
+    with run_lock(load_params(params_path).flow.lock_timeout, root):
+        if params_overrides:  # under the lock, so no other run sees params change beneath it
+            write_overrides(Path(params_path), params_overrides)
+        params = load_params(params_path)
         tracking.configure(params.tracking)
         flow_run_id = str(get_run_context().flow_run.id)
         client = mlflow.MlflowClient()
         parent = client.create_run(mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id,
                                    run_name="train_pipeline", tags={**tracking.provenance(params),
                                                                     "prefect_flow_run_id": flow_run_id})
-        env_extra = {tracking.PARENT_RUN_ENV: parent.info.run_id, tracking.FLOW_RUN_ENV: flow_run_id}
-        previous_env = {k: os.environ.get(k) for k in env_extra}
-        os.environ.update(env_extra)  # in-process stages nest under the parent run too
+        # Stage runs nest under the parent run; the store is passed on explicitly (MLflow exports its own).
+        env = {**os.environ, tracking.PARENT_RUN_ENV: parent.info.run_id, tracking.FLOW_RUN_ENV: flow_run_id,
+               "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
         status = "FAILED"
         try:
-            steps = validate_data(params, root) + [split_data(params, root)]
-            futures = submit_trainings(params, root, env_extra)
-            outcomes = [f.result(raise_on_failure=False) for f in futures]  # every training finishes
-            failures = [o for o in outcomes if isinstance(o, BaseException)]
-            if failures:
-                raise TrainingFailed("\n\n".join(str(f) for f in failures))
-            steps += outcomes
-            steps += [stack(params, root), evaluate(params, root), register(params, root)]
-            ran = [s["stage"] for s in steps if s["ran"]]
+            ran, skipped = run_generations(params, root, env)
             promotion = None
             if (params.flow.promote if promote_champion is None else promote_champion) and "register" in ran:
-                promotion = promote(params)
+                promotion = promote(root, env, params.flow.log_tail_lines)
             summary = summary_markdown(params)
             create_markdown_artifact(summary, key="train-pipeline-summary", description="models on both test sets")
             client.log_text(parent.info.run_id, summary, "summary.md")
             status = "FINISHED"
             logger.info("stages run: %s", ", ".join(ran) or "none (everything up to date)")
-            return {"ran": ran, "skipped": [s["stage"] for s in steps if not s["ran"]],
-                    "mlflow_parent_run_id": parent.info.run_id, "promotion": promotion}
+            return {"ran": ran, "skipped": skipped, "mlflow_parent_run_id": parent.info.run_id,
+                    "promotion": promotion}
         finally:
             client.set_terminated(parent.info.run_id, status)
-            for key, value in previous_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 def run_with_runner(params_path: str = "params.yaml", params_overrides: list[str] | None = None,
                     promote_champion: bool | None = None) -> dict:
-    """Run train_pipeline with the task runner params.yaml asks for (local threads or Ray)."""
-    params = load_params(params_path, params_overrides)
-    configured = train_pipeline.with_options(task_runner=task_runner(params))
-    return configured(params_path=params_path, params_overrides=params_overrides,
-                      promote_champion=promote_champion)
+    """Run train_pipeline with the task runner that params.yaml (with the overrides applied) asks for."""
+    flow_with_runner = configured_flow(load_params(params_path, params_overrides))
+    return flow_with_runner(params_path=params_path, params_overrides=params_overrides,
+                            promote_champion=promote_champion)
