@@ -1,0 +1,87 @@
+"""The README's `mlflow` commands, run as written (after the README's set-up export) in a trained tiny workspace:
+the UI and the model server find the project's store, and nothing leaves a stray ./mlflow.db behind."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from contextlib import contextmanager
+
+import mlflow
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def readme_line(pattern: str) -> str:
+    """The README line matching `pattern` (anchored at its start), joined with its `\\` continuation lines."""
+    match = re.search(rf"^{pattern}.*?(?<!\\)$", README, flags=re.MULTILINE | re.DOTALL)
+    assert match, f"README.md has no line starting with {pattern!r}"
+    return match.group(0)
+
+
+SET_UP = readme_line("export MLFLOW_TRACKING_URI=")
+
+
+def wait_for(url: str, seconds: float, process: subprocess.Popen) -> bytes:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert process.poll() is None, f"the server exited with {process.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.read()
+        except OSError:
+            time.sleep(2)
+    raise AssertionError(f"{url} did not answer within {seconds} s")
+
+
+@contextmanager
+def background(command: str, cwd):
+    process = subprocess.Popen(["bash", "-c", f"{SET_UP}\nexec {command}"], cwd=cwd, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield process
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+@pytest.fixture
+def champion_workspace(trained_copy, monkeypatch):
+    """The trained copy with its ensemble at @champion, and a scan.jpg to post."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{trained_copy}/mlflow/mlflow.db")
+    client = mlflow.MlflowClient()
+    name = "brain-tumor-ensemble"
+    version = client.get_model_version_by_alias(name, "challenger").version
+    client.set_registered_model_alias(name, "champion", version)
+    first_test_image = pd.read_csv(trained_copy / "data" / "splits" / "test.csv").path.iloc[0]
+    shutil.copy2(trained_copy / first_test_image, trained_copy / "scan.jpg")
+    return trained_copy
+
+
+def test_mlflow_ui_as_written_reads_the_project_store(champion_workspace):
+    command = readme_line("mlflow ui ")
+    with background(command, champion_workspace) as server:
+        body = wait_for("http://127.0.0.1:5000/ajax-api/2.0/mlflow/registered-models/get"
+                        "?name=brain-tumor-ensemble", 240, server)
+    assert json.loads(body)["registered_model"]["name"] == "brain-tumor-ensemble"
+    assert not (champion_workspace / "mlflow.db").exists(), "the README's command left a stray ./mlflow.db"
+
+
+def test_mlflow_models_serve_and_curl_as_written_score_a_scan(champion_workspace):
+    serve, curl = readme_line("mlflow models serve "), readme_line("curl ")
+    with background(serve, champion_workspace) as server:
+        wait_for("http://127.0.0.1:5001/ping", 420, server)
+        done = subprocess.run(["bash", "-c", f"{SET_UP}\n{curl}"], cwd=champion_workspace, capture_output=True,
+                              text=True, timeout=120)
+    predictions = json.loads(done.stdout)["predictions"]
+    assert len(predictions) == 1 and predictions[0]["predicted_class"] in {"glioma", "meningioma", "notumor",
+                                                                           "pituitary"}
+    assert not (champion_workspace / "mlflow.db").exists()
