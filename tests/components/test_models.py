@@ -43,7 +43,16 @@ def test_from_scratch_batchnorm_momentum_comes_from_params(params):
 
 
 def test_imagenet_weights_without_network_fail_with_the_fix(params, tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))  # an empty Keras cache
+    import urllib.error
+
+    from keras.src.backend import config as keras_config
+    from keras.src.utils import file_utils
+
+    def no_route(url, *args, **kwargs):
+        raise urllib.error.URLError("no route to host (simulated)")
+
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras"))  # an empty Keras cache
+    monkeypatch.setattr(file_utils, "urlretrieve", no_route)  # the download fails, with or without a network
     model_params = params.model("mobilenetv2").model_copy(update={"weights": "imagenet"})
     with pytest.raises(WeightsUnavailable) as failure:
         build_model("mobilenetv2", model_params, params.train, 4)

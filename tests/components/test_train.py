@@ -89,10 +89,15 @@ def test_changed_params_discard_resume_state(workspace):
 
 def test_evaluation_batches_keep_the_frame_order(workspace):
     from components.dataset import label_indices, make_dataset, read_split
+    from components.images import load_rgb
 
     params = tiny_params(workspace)
     frame = pd.concat([read_split(params.paths.splits, s) for s in ("train", "val", "test")]).reset_index(drop=True)
     dataset = make_dataset(frame, params.data.classes, params.model("custom_cnn"), params.train, training=False,
                            seed=params.seed, batch_size=5)
+    images = np.concatenate([x.numpy() for x, _ in dataset])
     labels = np.concatenate([y.numpy() for _, y in dataset])
     np.testing.assert_array_equal(labels, label_indices(frame, params.data.classes))
+    # Labels come in long runs of one class, so the images themselves must match their paths, row by row.
+    expected = np.stack([load_rgb(p, params.model("custom_cnn").image_size) for p in frame.path]).astype(np.float32)
+    np.testing.assert_array_equal(images, expected)
