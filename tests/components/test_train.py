@@ -14,8 +14,9 @@ from components.train import Outputs, _prepare_checkpoints, train_model
 from tests.conftest import tiny_overrides, tiny_params
 
 
-def test_training_writes_every_output_and_one_complete_mlflow_run(workspace):
-    params = tiny_params(workspace, ["models.custom_cnn.epochs=2"])
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_training_writes_every_output_and_one_complete_mlflow_run(workspace, cache):
+    params = tiny_params(workspace, ["models.custom_cnn.epochs=2", f"train.cache={cache}"])
     result = train_model("custom_cnn", params)
     outputs = Outputs.of(params, "custom_cnn")
 
