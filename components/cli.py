@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("manifest", help="scan data/raw into data/manifest.parquet")
     sub.add_parser("validate", help="Great Expectations checks; writes quarantine and Data Docs")
-    sub.add_parser("split", help="leakage-free train/val/test CSVs")
+    sub.add_parser("split", help="leakage-free train/val/gate/test CSVs")
     train = sub.add_parser("train", help="train one CNN; one MLflow run")
     train.add_argument("--model", required=True, help="custom_cnn | mobilenetv2 | densenet169 | resnet50")
     sub.add_parser("stack", help="fit the FLAML meta-learner on val predictions")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from components.config import ProjectError
 from components.images import ImageError, open_image, to_rgb
 
 IMAGE_COLUMN = "image"
@@ -95,7 +97,18 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
 
 def predict_paths(paths: list[str], model_uri: str = DEFAULT_MODEL_URI) -> pd.DataFrame:
-    model = mlflow.pyfunc.load_model(model_uri)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as exc:  # only an unset alias (e.g. @champion before any promotion) is reworded
+        name, at, alias = model_uri.removeprefix("models:/").partition("@")
+        if not (model_uri.startswith("models:/") and at and re.search(r"alias .*not found", str(exc), re.I)):
+            raise
+        raise ProjectError(
+            f"{model_uri}: {name} has no @{alias} version yet. Run `braintumor promote` first (after "
+            f"`braintumor register`), or pass --model-uri, e.g. models:/{name}@challenger or models:/{name}/1"
+        ) from exc
     out = model.predict(pd.DataFrame({IMAGE_COLUMN: [str(p) for p in paths]}))
     out.insert(0, "path", [str(p) for p in paths])
     return out

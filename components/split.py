@@ -1,5 +1,8 @@
-"""Leakage-free splits: official Testing stays `test`; train/val come from what is left of Training once every
-exact or near duplicate of a test image is dropped; duplicate groups never straddle train and val."""
+"""Leakage-free splits: official Testing stays `test`; train, val and gate come from what is left of Training once
+every exact or near duplicate of a test image is dropped; duplicate groups never straddle train, val and gate.
+
+`gate` is held out for the promotion gate alone (components.promote): no training, early stopping, stacking or
+report reads it, so the gate compares registered versions on images none of them was selected on."""
 
 from __future__ import annotations
 
@@ -10,12 +13,12 @@ import numpy as np
 import pandas as pd
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
-from sklearn.model_selection import StratifiedGroupKFold
 
 from components.config import Paths, SplitParams
 from components.validate import check_split_leakage
 
 SPLIT_COLUMNS = ["path", "label", "content_hash", "dhash", "group"]
+HOLDOUTS = ("val", "gate")  # carved from the de-duplicated training pool, in this order; the rest is train
 
 
 def hash_bits(hashes: pd.Series) -> np.ndarray:
@@ -33,6 +36,47 @@ def duplicate_groups(bits: np.ndarray, distance: int) -> np.ndarray:
     """Group id per row: connected components of the 'within distance' graph (exact copies have distance 0)."""
     _, labels = connected_components(csr_matrix(hamming(bits, bits) <= distance), directed=False)
     return labels
+
+
+def quotas(sizes: pd.Series, fraction: float) -> pd.Series:
+    """Rows each class should hold out: `fraction` of each class, rounded so the total is round(fraction * N)
+    (largest remainders first, ties in class order)."""
+    exact = sizes * fraction
+    out = np.floor(exact).astype(int)
+    spare = int(round(fraction * sizes.sum())) - int(out.sum())
+    remainders = (exact - out).to_numpy()
+    for i in np.argsort(-remainders, kind="stable")[:max(spare, 0)]:
+        out.iloc[i] += 1
+    return out
+
+
+def carve(labels: pd.Series, groups: pd.Series, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """Split name per row: whole duplicate groups, class by class, go to each holdout (in `fractions` order) until
+    the class's quota is reached; the rest is `train`.
+
+    A group counts for its majority label. The groups of each class are visited in one seeded random order; a
+    group is taken when it brings the holdout closer to its quota, so singletons fill the last gap exactly."""
+    frame = pd.DataFrame({"label": labels.to_numpy(), "group": groups.to_numpy()})
+    majority = frame.groupby("group").label.agg(lambda s: s.value_counts().sort_index(kind="stable").idxmax())
+    group_size = frame.group.value_counts()
+    stratum = frame.group.map(majority)
+    sizes = stratum.value_counts().sort_index()
+    targets = {name: quotas(sizes, fraction) for name, fraction in fractions.items()}
+    rng = np.random.default_rng(seed)
+    chosen: dict[int, str] = {}
+    for label in sizes.index:
+        members = np.sort(majority.index[majority == label].to_numpy())
+        order = list(members[rng.permutation(len(members))])
+        for name in fractions:
+            target, taken, left = int(targets[name][label]), 0, []
+            for group in order:
+                size = int(group_size[group])
+                if taken + size / 2 < target:  # |taken + size - target| < |taken - target|
+                    chosen[group], taken = name, taken + size
+                else:
+                    left.append(group)
+            order = left
+    return frame.group.map(chosen).fillna("train").to_numpy()
 
 
 def make_splits(manifest: pd.DataFrame, quarantine: pd.DataFrame, raw_dir: Path, params: SplitParams,
@@ -55,20 +99,19 @@ def make_splits(manifest: pd.DataFrame, quarantine: pd.DataFrame, raw_dir: Path,
 
     kept = pool[~(exact | near)].reset_index(drop=True)
     kept["group"] = duplicate_groups(pool_bits[~(exact | near)], params.near_duplicate_distance)
-    folds = StratifiedGroupKFold(n_splits=round(1 / params.val_fraction), shuffle=True, random_state=seed)
-    _, val_index = next(folds.split(kept, kept.label, kept.group))
-    is_val = np.zeros(len(kept), dtype=bool)
-    is_val[val_index] = True
+    assigned = carve(kept.label, kept.group, {"val": params.val_fraction, "gate": params.gate_fraction}, seed)
 
     # Judged against the whole official Training pool: a test image whose twin we removed is not clean either.
     test["group"] = -1
     test["clean"] = to_test.min(axis=0) > params.clean_distance
-    splits = {"train": kept[~is_val][SPLIT_COLUMNS], "val": kept[is_val][SPLIT_COLUMNS],
-              "test": test[SPLIT_COLUMNS + ["clean"]]}
+    splits = {name: kept[assigned == name][SPLIT_COLUMNS].reset_index(drop=True) for name in ("train", *HOLDOUTS)}
+    splits["test"] = test[SPLIT_COLUMNS + ["clean"]]
 
     cross = test.content_hash[test.content_hash.isin(set(pool.content_hash))]
     report = {
         "counts": {name: frame.label.value_counts().sort_index().to_dict() for name, frame in splits.items()},
+        "shares_of_training_pool": {name: round(len(splits[name]) / max(len(kept), 1), 4)
+                                    for name in ("train", *HOLDOUTS)},
         "clean_test": int(test.clean.sum()),
         "removed_from_training": {
             "total": len(removed),
@@ -87,7 +130,8 @@ def write_splits(paths: Paths, params: SplitParams, seed: int) -> dict:
     manifest = pd.read_parquet(paths.manifest)
     quarantine = pd.read_csv(paths.quarantine)
     splits, report, removed = make_splits(manifest, quarantine, paths.raw, params, seed)
-    check_split_leakage(pd.concat([splits["train"], splits["val"]]), splits["test"], paths.split_validation)
+    check_split_leakage(pd.concat([splits[name] for name in ("train", *HOLDOUTS)]), splits["test"],
+                        paths.split_validation)
     paths.splits.mkdir(parents=True, exist_ok=True)
     for name, frame in splits.items():
         frame.to_csv(paths.splits / f"{name}.csv", index=False)

@@ -98,7 +98,7 @@ def params() -> Params:
 def init_repo(work: Path) -> Path:
     """A git + DVC repo holding this project's dvc.yaml, params.yaml and components (the stages' code deps)."""
     work.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy2(ROOT / name, work / name)
     shutil.copytree(ROOT / "components", work / "components", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
@@ -195,10 +195,31 @@ TRAINED_EXTRA = ["stack.time_budget=3", "evaluate.gradcam_examples=1", "promote.
 
 
 @pytest.fixture
+def trained_copy(trained_workspace, tmp_path) -> Path:
+    """A private copy of the trained workspace with everything committed to git: a repo that can be cloned.
+    Its MLflow store is a copy too; artifacts stay where the trained workspace logged them."""
+    copy = tmp_path / "trained-copy"
+    shutil.copytree(trained_workspace, copy, symlinks=True)
+    for command in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "trained tiny pipeline"]):
+        subprocess.run(command, cwd=copy, check=True, capture_output=True)
+    return copy
+
+
+@pytest.fixture
 def in_trained(trained_workspace, monkeypatch) -> Path:
     monkeypatch.chdir(trained_workspace)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return trained_workspace
+
+
+# Tests that train models, start servers or read the shared data: `pytest -m "not slow"` leaves them out.
+SLOW_FIXTURES = {"trained_workspace", "trained_copy", "in_trained", "workspace", "real_sample"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,8 @@ import requests
 from PIL import Image
 
 from components import tracking
-from components.config import PromoteParams
 from components.predict import BadInput, predict_paths
-from components.promote import CHAMPION, gate, promote, rollback
+from components.promote import CHAMPION, PromotionError, promote, rollback
 from tests.conftest import TRAINED_EXTRA, tiny_params
 
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
@@ -103,23 +102,8 @@ def test_bad_rows_get_named_errors(ensemble, in_trained):
         ensemble.predict(pd.DataFrame({"picture": [good]}))
 
 
-RULES = PromoteParams(model="ensemble", test_set="test_clean", min_accuracy=0.8, min_class_sensitivity=0.7,
-                      min_margin=0.0)
-
-
-def metrics(accuracy, sensitivity=0.9):
-    return {"accuracy": accuracy, **{f"sensitivity_{c}": sensitivity for c in CLASSES}}
-
-
-def test_gate_refuses_a_worse_challenger_and_names_why():
-    decision = gate(metrics(0.90), metrics(0.93), CLASSES, RULES)
-    assert not decision.promote and any("champion 0.9300" in r for r in decision.reasons)
-    assert not gate(metrics(0.95, sensitivity=0.5), None, CLASSES, RULES).promote
-    assert not gate(metrics(0.70), None, CLASSES, RULES).promote
-    assert gate(metrics(0.94), metrics(0.93), CLASSES, RULES).promote
-    strict = RULES.model_copy(update={"min_margin": 0.02})
-    assert not gate(metrics(0.94), metrics(0.93), CLASSES, strict).promote
-
+# The gate itself (McNemar, tie rules, floors) is tested fast in test_promote_gate.py; here it runs on the
+# trained ensemble and the workspace's gate split.
 
 def test_promote_dry_run_refusal_promotion_and_rollback(in_trained, capsys):
     from components.register import run_register
@@ -128,27 +112,41 @@ def test_promote_dry_run_refusal_promotion_and_rollback(in_trained, capsys):
     tracking.configure(params.tracking)
     client = mlflow.MlflowClient()
     name = "brain-tumor-ensemble"
+    rules = params.promote
+    keep = params.model_copy(update={"promote": rules.model_copy(update={"tie_rule": "keep_champion"})})
+    not_worse = params.model_copy(update={"promote": rules.model_copy(update={"tie_rule":
+                                                                              "challenger_if_not_worse"})})
+    gate_rows = len(pd.read_csv(in_trained / "data" / "splits" / "gate.csv"))
 
     dry = promote(params, dry_run=True)
     assert "challenger v" in dry["table"] and "dry run" in dry["decision"]
+    assert dry["split"] == "gate" and dry["images"] == gate_rows > 0
     with pytest.raises(mlflow.exceptions.MlflowException):
         client.get_model_version_by_alias(name, CHAMPION)
 
     first = promote(params)
-    assert first["decision"] == "promoted"
+    assert first["decision"] == "promoted"  # no champion: the floors alone decide
     v1 = client.get_model_version_by_alias(name, CHAMPION).version
 
-    run_register(params)  # a new challenger of the same quality
-    refused = promote(params.model_copy(update={"promote": params.promote.model_copy(update={"min_margin": 0.5})}))
+    run_register(params)  # a new challenger of the same quality: no significant gain on the gate split
+    refused = promote(keep)
     assert refused["decision"] == "refused"
     assert client.get_model_version_by_alias(name, CHAMPION).version == v1, "a refused model never becomes champion"
     v2 = client.get_model_version_by_alias(name, "challenger").version
-    assert client.get_model_version(name, v2).tags["promotion.decision"] == "refused"
+    tags = client.get_model_version(name, v2).tags
+    assert tags["promotion.decision"] == "refused" and tags["promotion.split"] == "gate"
+    assert tags["promotion.images"] == str(gate_rows) and tags["promotion.tie_rule"] == "keep_champion"
+    assert float(tags["promotion.p_value"]) > keep.promote.alpha
 
-    assert promote(params)["decision"] == "promoted"
+    assert promote(not_worse)["decision"] == "promoted"  # not significantly worse
     assert client.get_model_version_by_alias(name, CHAMPION).version == v2
     assert str(rollback(params)["champion"]) == str(v1)
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == str(v1)
+    with pytest.raises(PromotionError, match="register a new version"):  # v2 still holds @challenger
+        promote(not_worse)
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == str(v1)
+    run_register(params)
+    assert promote(not_worse)["decision"] == "promoted"
 
 
 def free_port() -> int:
