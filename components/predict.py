@@ -21,7 +21,7 @@ IMAGE_COLUMN = "image"
 DEFAULT_MODEL_URI = "models:/brain-tumor-ensemble@champion"
 
 
-class BadInput(ValueError):
+class BadInput(ProjectError, ValueError):
     """Rows that cannot be scored; the message names each row and why."""
 
 

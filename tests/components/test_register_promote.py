@@ -91,14 +91,18 @@ def test_pyfunc_resizes_exactly_as_training_does(in_trained):
 
 
 def test_bad_rows_get_named_errors(ensemble, in_trained):
+    from mlflow.exceptions import MlflowException
+
+    from components.predict import BadInput
+
     good = pd.read_csv(in_trained / "data" / "splits" / "test.csv").path.iloc[0]
     frame = pd.DataFrame({"image": [good, "/no/such/file.jpg", base64.b64encode(b"plain text").decode()]})
-    with pytest.raises(Exception) as failure:
+    with pytest.raises(BadInput) as failure:
         ensemble.predict(frame)
     message = str(failure.value)
     assert "row 1" in message and "row 2" in message and "row 0" not in message
     assert "not an image" in message
-    with pytest.raises(Exception, match=r"missing inputs \['image'\]"):
+    with pytest.raises(MlflowException, match=r"missing inputs \['image'\]"):  # the signature is enforced
         ensemble.predict(pd.DataFrame({"picture": [good]}))
 
 
