@@ -1,11 +1,12 @@
 """Evaluation report (`braintumor evaluate`): every base model, soft voting and the stack, on the official
-test set and on its clean subset. Writes reports/evaluation.md with plots, metrics/evaluation.json (DVC metrics)
+test set and on its clean subset. Writes paths.evaluation_report (reports/evaluation.md) with plots, metrics/evaluation.json (DVC metrics)
 and plots/evaluation/ (DVC plots)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import matplotlib
@@ -14,34 +15,34 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from sklearn.metrics import RocCurveDisplay  # noqa: E402
 
 from components.config import Params  # noqa: E402
-from components.metrics import full_metrics, plot_confusion  # noqa: E402
+from components.metrics import full_metrics, plot_confusion, reliability, scores  # noqa: E402
 from components.stack import SOFT_VOTE, STACK, load_predictions  # noqa: E402
-from components.train import scores  # noqa: E402
 
 TEST_SETS = {"test": "official test", "test_clean": "clean test"}
 TABLE_COLUMNS = ["accuracy", "macro_f1", "tumor_sensitivity", "tumor_specificity", "ece", "brier"]
 
 
-def evaluate_frames(frames: dict[str, pd.DataFrame], classes: list[str]) -> dict[str, dict[str, dict]]:
-    """{model: {test set: metrics}} for every prediction frame."""
+def evaluate_frames(frames: dict[str, pd.DataFrame], classes: list[str], bins: int
+                    ) -> dict[str, dict[str, dict]]:
+    """{model: {test set: metrics}} for every prediction frame; `bins` is params evaluate.calibration_bins."""
     out = {}
     for name, frame in frames.items():
-        out[name] = {"test": full_metrics(*scores(frame, classes), classes),
-                     "test_clean": full_metrics(*scores(frame[frame.clean], classes), classes)}
+        out[name] = {"test": full_metrics(*scores(frame, classes), classes, bins=bins),
+                     "test_clean": full_metrics(*scores(frame[frame.clean], classes), classes, bins=bins)}
     return out
 
 
 def plot_roc(frame: pd.DataFrame, classes: list[str], title: str, out: Path) -> Path:
     labels, probabilities = scores(frame, classes)
     figure, axis = plt.subplots(figsize=(4.5, 4))
-    for k, name in enumerate(classes):
-        if (labels == k).any() and (labels != k).any():
-            fpr, tpr, _ = roc_curve(labels == k, probabilities[:, k])
-            axis.plot(fpr, tpr, label=name)
-    axis.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    # One-vs-rest ROC is undefined for a class with no positive or no negative image.
+    drawable = [k for k in range(len(classes)) if (labels == k).any() and (labels != k).any()]
+    for k in drawable:
+        RocCurveDisplay.from_predictions(labels == k, probabilities[:, k], pos_label=True, name=classes[k], ax=axis,
+                                         plot_chance_level=k == drawable[-1])
     axis.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -51,15 +52,12 @@ def plot_roc(frame: pd.DataFrame, classes: list[str], title: str, out: Path) -> 
 
 
 def plot_reliability(frames: dict[str, pd.DataFrame], classes: list[str], bins: int, out: Path) -> Path:
+    """Top-label reliability diagram of every model, one line each, from the bins of the ECE column
+    (metrics.reliability: sklearn's calibration_curve on correctness vs top-label confidence)."""
     figure, axis = plt.subplots(figsize=(4.5, 4))
-    edges = np.linspace(0, 1, bins + 1)
     for name, frame in frames.items():
-        labels, probabilities = scores(frame, classes)
-        confidence, correct = probabilities.max(axis=1), probabilities.argmax(axis=1) == labels
-        which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-        used = [b for b in range(bins) if (which == b).any()]
-        axis.plot([confidence[which == b].mean() for b in used], [correct[which == b].mean() for b in used],
-                  marker="o", label=name)
+        accuracy, mean_confidence, _ = reliability(*scores(frame, classes), bins)
+        axis.plot(mean_confidence, accuracy, marker="o", label=name)
     axis.plot([0, 1], [0, 1], "k--", linewidth=0.8)
     axis.set(xlabel="confidence", ylabel="accuracy", title="reliability (official test)")
     axis.legend(fontsize=7)
@@ -117,7 +115,13 @@ def run_evaluate(params: Params) -> dict:
     reports = params.paths.plots / "evaluation"
     reports.mkdir(parents=True, exist_ok=True)
     frames = load_predictions(params, "test", [*params.stack.models, SOFT_VOTE, STACK])
-    results = evaluate_frames(frames, classes)
+    bins = params.evaluate.calibration_bins
+    results = evaluate_frames(frames, classes, bins)
+    out_md = params.paths.evaluation_report
+
+    def link(path: Path) -> str:  # images are linked relative to the report, wherever paths put it
+        return Path(os.path.relpath(path, out_md.parent)).as_posix()
+
     with tracking.stage_run(params, "evaluate", "evaluate") as run:
         images = []
         for name, frame in frames.items():
@@ -129,8 +133,7 @@ def run_evaluate(params: Params) -> dict:
             pd.DataFrame({"actual": np.array(classes)[labels],
                           "predicted": np.array(classes)[probabilities.argmax(axis=1)]}).to_csv(
                 reports / f"confusion_{name}.csv", index=False)
-        images.append(plot_reliability(frames, classes, params.evaluate.calibration_bins,
-                                       reports / "reliability.png"))
+        images.append(plot_reliability(frames, classes, bins, reports / "reliability.png"))
         cams = []
         for name in params.stack.models:
             cams += [(name, *c) for c in gradcam_examples(params, name, frames[name], reports)]
@@ -139,13 +142,14 @@ def run_evaluate(params: Params) -> dict:
                   f"Test sets: official ({len(frames[STACK])} images) and clean ({int(frames[STACK].clean.sum())} "
                   "images with no near duplicate in official Training). The stack's meta-learner was fitted on val "
                   "predictions only.", markdown_table(results, classes), "## Confusion matrices (official test)", ""]
-        report += [f"![{n}](../{(reports / f'confusion_{n}.png').as_posix()})" for n in frames]
-        report += ["", "## ROC curves", ""] + [f"![{n}](../{(reports / f'roc_{n}.png').as_posix()})" for n in frames]
-        report += ["", "## Reliability", "", f"![reliability](../{(reports / 'reliability.png').as_posix()})", "",
+        report += [f"![{n}]({link(reports / f'confusion_{n}.png')})" for n in frames]
+        report += ["", "## ROC curves", ""] + [f"![{n}]({link(reports / f'roc_{n}.png')})" for n in frames]
+        report += ["", "## Reliability", "", f"Top-label confidence in {bins} equal-width bins, the bins of the ECE "
+                   "column; Brier: mean over images of the sum over classes of (p - one-hot)^2, from 0 to 2.", "",
+                   f"![reliability]({link(reports / 'reliability.png')})", "",
                    "## Grad-CAM (official test)", "", "| model | kind | true | predicted | overlay |",
                    "|---|---|---|---|---|"]
-        report += [f"| {m} | {k} | {t} | {p} | ![]({'../' + path.as_posix()}) |" for m, k, t, p, path in cams]
-        out_md = Path("reports") / "evaluation.md"
+        report += [f"| {m} | {k} | {t} | {p} | ![]({link(path)}) |" for m, k, t, p, path in cams]
         out_md.parent.mkdir(parents=True, exist_ok=True)
         out_md.write_text("\n".join(report) + "\n")
         metrics = {name: {s: {k: v for k, v in values.items() if not math.isnan(v)} for s, values in by_set.items()}

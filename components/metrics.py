@@ -1,7 +1,10 @@
-"""Classification metrics and plots, shared by training, stacking, evaluation and promotion (scikit-learn)."""
+"""Classification metrics and plots, shared by training, stacking, evaluation and promotion (scikit-learn).
+
+Hand-written code is kept only where scikit-learn has no equivalent; each such place says so."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -10,12 +13,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.exceptions import UndefinedMetricWarning  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
-    accuracy_score,
+    ConfusionMatrixDisplay,
     brier_score_loss,
-    confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
+    classification_report,
+    multilabel_confusion_matrix,
+    recall_score,
     roc_auc_score,
 )
 
@@ -26,63 +31,127 @@ def probability_columns(classes: list[str]) -> list[str]:
     return [f"prob_{c}" for c in classes]
 
 
+def scores(predictions: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    labels = predictions.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
+    return labels, predictions[probability_columns(classes)].to_numpy()
+
+
+def split_metrics(predictions: dict[str, pd.DataFrame], classes: list[str]) -> dict[str, dict[str, float]]:
+    """Metrics on val, the official test set and its clean (leakage-free) subset."""
+    out = {}
+    for split, frame in predictions.items():
+        out[split] = basic_metrics(*scores(frame, classes), classes)
+        if "clean" in frame:
+            out[f"{split}_clean"] = basic_metrics(*scores(frame[frame.clean], classes), classes)
+    return out
+
+
+def _per_class_report(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
+    """classification_report over every class of the label set, present in `labels` or not (0 when undefined)."""
+    return classification_report(labels, predicted, labels=range(len(classes)), target_names=classes,
+                                 output_dict=True, zero_division=0)
+
+
 def basic_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict[str, float]:
     """Accuracy, macro-F1 and per-class recall; labels are class indices."""
-    predicted = probabilities.argmax(axis=1)
-    recall = precision_recall_fscore_support(labels, predicted, labels=range(len(classes)), zero_division=0)[1]
+    report = _per_class_report(labels, np.asarray(probabilities).argmax(axis=1), classes)
     return {
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "macro_f1": float(f1_score(labels, predicted, labels=range(len(classes)), average="macro", zero_division=0)),
-        **{f"recall_{c}": float(r) for c, r in zip(classes, recall)},
+        # With labels=range(K) covering every label and prediction, the report's micro average is the accuracy.
+        "accuracy": float(report["accuracy"]),
+        "macro_f1": float(report["macro avg"]["f1-score"]),
+        **{f"recall_{c}": float(report[c]["recall"]) for c in classes},
     }
 
 
-def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    return float(sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean()
-                     for b in range(bins) if (which == b).any()))
+def reliability(labels: np.ndarray, probabilities: np.ndarray, bins: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-label reliability diagram: for each non-empty one of `bins` equal-width confidence bins, the accuracy,
+    the mean confidence and the number of samples. The first two come from sklearn's calibration_curve (its bins
+    are right-closed, (a, b], as in Guo et al. 2017); it returns no counts, so they are recounted here with the
+    same edges and the same np.searchsorted rule."""
+    probabilities = np.asarray(probabilities, dtype=float)
+    # float32 softmax outputs can exceed 1 by an ulp, which calibration_curve refuses.
+    confidence = np.clip(probabilities.max(axis=1), 0.0, 1.0)
+    correct = probabilities.argmax(axis=1) == np.asarray(labels)
+    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=bins, strategy="uniform")
+    counts = np.bincount(np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], confidence), minlength=bins)
+    counts = counts[counts > 0]
+    if len(counts) != len(accuracy):  # guards the recount against a change of calibration_curve's binning
+        raise RuntimeError(f"reliability bins disagree with sklearn's calibration_curve: {len(counts)} non-empty "
+                           f"bins counted, {len(accuracy)} returned")
+    return accuracy, mean_confidence, counts
 
 
-def full_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict[str, float]:
-    """Everything the evaluation report shows for one model on one test set."""
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> float:
+    """Top-label ECE: sum over the bins of reliability() of (share of samples) x |accuracy - mean confidence|.
+
+    Hand-written: scikit-learn has no ECE. `bins` is params evaluate.calibration_bins."""
+    accuracy, mean_confidence, counts = reliability(labels, probabilities, bins)
+    return float(np.sum(counts / counts.sum() * np.abs(accuracy - mean_confidence)))
+
+
+def brier_score(labels: np.ndarray, probabilities: np.ndarray, num_classes: int) -> float:
+    """Multiclass Brier score: mean over samples of sum over classes of (p - onehot)^2, in [0, 2].
+
+    scale_by_half=False: sklearn's "auto" would halve it when there are two columns; this keeps one definition
+    whatever the number of classes."""
+    return float(brier_score_loss(labels, np.asarray(probabilities, dtype=float), labels=range(num_classes),
+                                  scale_by_half=False))
+
+
+def per_class_roc_auc(labels: np.ndarray, probabilities: np.ndarray, num_classes: int) -> np.ndarray:
+    """One-vs-rest ROC-AUC of each class; NaN for a class that is absent from `labels` (or the only one)."""
+    with warnings.catch_warnings():
+        # sklearn warns, then returns NaN, for a class with no positive (or no negative) sample: the NaN is the
+        # documented answer here, and evaluate drops it from the DVC metrics.
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        if num_classes == 2:  # roc_auc_score takes two columns as the binary case, which wants one score column
+            return np.array([roc_auc_score(labels == k, probabilities[:, k]) for k in range(2)], dtype=float)
+        return np.asarray(roc_auc_score(labels, np.asarray(probabilities, dtype=float), multi_class="ovr",
+                                        average=None, labels=range(num_classes)), dtype=float)
+
+
+def full_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], *, bins: int
+                 ) -> dict[str, float]:
+    """Everything the evaluation report shows for one model on one test set. `bins`: ECE bins, pass params
+    evaluate.calibration_bins."""
+    labels = np.asarray(labels)
+    probabilities = np.asarray(probabilities, dtype=float)
     predicted = probabilities.argmax(axis=1)
     k = len(classes)
-    precision, sensitivity, _, _ = precision_recall_fscore_support(labels, predicted, labels=range(k),
-                                                                   zero_division=0)
-    matrix = confusion_matrix(labels, predicted, labels=range(k))
+    report = _per_class_report(labels, predicted, classes)
+    # Per class [[tn, fp], [fn, tp]]; sklearn has no specificity score, so tn / (tn + fp) is computed here
+    # (0 when a class has no negatives, like zero_division=0 for precision and recall).
+    matrices = multilabel_confusion_matrix(labels, predicted, labels=range(k))
+    roc_auc = per_class_roc_auc(labels, probabilities, k)
     out = basic_metrics(labels, probabilities, classes)
     for i, c in enumerate(classes):
-        negatives = matrix.sum() - matrix[i].sum()
-        out[f"precision_{c}"] = float(precision[i])
-        out[f"sensitivity_{c}"] = float(sensitivity[i])
-        out[f"specificity_{c}"] = float((negatives - (matrix[:, i].sum() - matrix[i, i])) / max(negatives, 1))
-        present = (labels == i).any() and (labels != i).any()
-        out[f"roc_auc_{c}"] = float(roc_auc_score(labels == i, probabilities[:, i])) if present else float("nan")
+        (tn, fp), _ = matrices[i]
+        out[f"precision_{c}"] = float(report[c]["precision"])
+        out[f"sensitivity_{c}"] = float(report[c]["recall"])
+        out[f"specificity_{c}"] = float(tn / (tn + fp)) if tn + fp else 0.0
+        out[f"roc_auc_{c}"] = float(roc_auc[i])
     if NO_TUMOR in classes:
+        # Tumor vs no tumor: every class but notumor pooled as the positive class.
         healthy = classes.index(NO_TUMOR)
         tumor_true, tumor_pred = labels != healthy, predicted != healthy
-        out["tumor_sensitivity"] = float((tumor_pred & tumor_true).sum() / max(tumor_true.sum(), 1))
-        out["tumor_specificity"] = float((~tumor_pred & ~tumor_true).sum() / max((~tumor_true).sum(), 1))
-    out["ece"] = expected_calibration_error(labels, probabilities)
-    onehot = np.eye(k)[labels]
-    out["brier"] = float(np.mean([brier_score_loss(onehot[:, i], probabilities[:, i]) for i in range(k)]))
+        out["tumor_sensitivity"] = float(recall_score(tumor_true, tumor_pred, labels=[False, True], pos_label=True,
+                                                      zero_division=0))
+        out["tumor_specificity"] = float(recall_score(tumor_true, tumor_pred, labels=[False, True],
+                                                      pos_label=False, zero_division=0))
+    out["ece"] = expected_calibration_error(labels, probabilities, bins)
+    out["brier"] = brier_score(labels, probabilities, k)
     return out
 
 
 def plot_confusion(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], title: str,
                    out: Path) -> Path:
-    matrix = confusion_matrix(labels, probabilities.argmax(axis=1), labels=range(len(classes)))
     figure, axis = plt.subplots(figsize=(4.5, 4))
-    axis.imshow(matrix, cmap="Blues")
-    axis.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
-             xlabel="predicted", ylabel="true", title=title)
-    plt.setp(axis.get_xticklabels(), rotation=30, ha="right")
-    for (i, j), value in np.ndenumerate(matrix):
-        axis.text(j, i, str(value), ha="center", va="center",
-                  color="white" if value > matrix.max() / 2 else "black")
+    ConfusionMatrixDisplay.from_predictions(labels, np.asarray(probabilities).argmax(axis=1),
+                                            labels=range(len(classes)), display_labels=classes, cmap="Blues",
+                                            colorbar=False, xticks_rotation=30, ax=axis)
+    axis.set(xlabel="predicted", ylabel="true", title=title)
+    plt.setp(axis.get_xticklabels(), ha="right")
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=100)

@@ -108,7 +108,7 @@ def gate(challenger: dict[str, float], classes: list[str], rules: PromoteParams,
     return Decision(promote=not failed, reasons=failed or passed, test=test)
 
 
-def score_version(model_uri: str, ensemble: bool, frame: pd.DataFrame, classes: list[str]
+def score_version(model_uri: str, ensemble: bool, frame: pd.DataFrame, classes: list[str], bins: int
                   ) -> tuple[dict[str, float], np.ndarray]:
     """Metrics of one registered version on `frame` (the gate split), and whether each image was right."""
     if ensemble:
@@ -123,7 +123,7 @@ def score_version(model_uri: str, ensemble: bool, frame: pd.DataFrame, classes: 
         model = mlflow.keras.load_model(model_uri)
         probabilities = model.predict(load_images(frame, model.input_shape[1]), verbose=0)
     labels = frame.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
-    return full_metrics(labels, probabilities, classes), np.asarray(probabilities).argmax(axis=1) == labels
+    return full_metrics(labels, probabilities, classes, bins=bins), np.asarray(probabilities).argmax(axis=1) == labels
 
 
 def comparison_table(rows: dict[str, dict[str, float]], classes: list[str], test: McNemar | None = None) -> str:
@@ -190,13 +190,14 @@ def promote(params: Params, dry_run: bool = False, model: str | None = None) -> 
         raise PromotionError(f"{params.paths.splits / (GATE_SPLIT + '.csv')} is empty: raise split.gate_fraction "
                              "and re-run `dvc repro split`")
     ensemble = (model or rules.model) == ENSEMBLE
+    bins = params.evaluate.calibration_bins
     challenger_metrics, challenger_correct = score_version(f"models:/{name}/{challenger.version}", ensemble,
-                                                           frame, classes)
+                                                           frame, classes, bins)
     rows = {f"challenger v{challenger.version}": challenger_metrics}
     test = None
     if champion is not None:
         champion_metrics, champion_correct = score_version(f"models:/{name}/{champion.version}", ensemble, frame,
-                                                           classes)
+                                                           classes, bins)
         rows[f"champion v{champion.version}"] = champion_metrics
         test = mcnemar(challenger_correct, champion_correct)
     decision = gate(challenger_metrics, classes, rules, test)

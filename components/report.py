@@ -20,6 +20,9 @@ from components.data_import import data_hash
 
 BASE_ROWS = ("custom_cnn", "mobilenetv2", "densenet169", "resnet50")
 TEST_SETS = {"test": "official test", "test_clean": "clean test"}
+# components/models.py builds custom_cnn without a Keras application backbone: its `weights` is never loaded.
+NO_BACKBONE = frozenset({"custom_cnn"})
+UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,76 @@ class StageTime:
     stage: str
     run_id: str
     seconds: float
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What one training ran on and started from, as its MLflow run recorded it."""
+
+    model: str
+    device: str  # "GPU" | "CPU" (tag `device` of tracking.system_info) | "unknown" (no run found)
+    gpu_name: str  # tag `gpu_name`: "none" on a CPU
+    mixed_precision: bool  # tag `mixed_precision` of devices.configure_tensorflow
+    host: str
+    weights: str  # "imagenet" | "none" | a weights file
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights != "none" and self.model not in NO_BACKBONE
+
+
+def training_setup(model: str, tags: dict[str, str] | None, run_params: dict[str, str] | None,
+                   params_weights: str) -> TrainingSetup:
+    """A training's setup from its run's tags and logged params (`models.<model>.weights`); `tags` None: no run was
+    found, so the device is unknown and the weights are those of params.yaml."""
+    tags, run_params = tags or {}, run_params or {}
+    return TrainingSetup(model=model, device=tags.get("device", UNKNOWN), gpu_name=tags.get("gpu_name", "none"),
+                         mixed_precision=tags.get("mixed_precision") == "True", host=tags.get("host", UNKNOWN),
+                         weights=run_params.get(f"models.{model}.weights", params_weights))
+
+
+def _device_text(setup: TrainingSetup) -> str:
+    if setup.device == "GPU":
+        name = f" ({setup.gpu_name})" if setup.gpu_name not in ("", "none") else ""
+        return f"GPU{name}{', mixed precision' if setup.mixed_precision else ''}"
+    if setup.device == "CPU":
+        return "CPU (no GPU visible)"
+    return "unknown device (no MLflow training run found)"
+
+
+def _weights_text(setup: TrainingSetup) -> str:
+    return f"pretrained (`weights: {setup.weights}`)" if setup.pretrained else "from scratch"
+
+
+def _grouped(setups: list[TrainingSetup], text, every: str) -> str:
+    """'every <noun> <text>' when all setups agree, else '<text>: model, model; <text>: model'."""
+    groups: dict[str, list[str]] = {}
+    for setup in setups:
+        groups.setdefault(text(setup), []).append(setup.model)
+    if len(groups) == 1:
+        return f"{every} {next(iter(groups))}"
+    return "; ".join(f"{value}: {', '.join(models)}" for value, models in groups.items())
+
+
+def headline(setups: list[TrainingSetup]) -> str:
+    """Title words: the device(s) and whether the models started from pretrained weights."""
+    devices = sorted({s.device for s in setups}) or [UNKNOWN]
+    device = " and ".join(devices) if len(devices) < 3 else ", ".join(devices)
+    pretrained = [s.pretrained for s in setups]
+    start = "pretrained" if pretrained and all(pretrained) else "partly pretrained" if any(pretrained) else \
+        "from scratch"
+    return f"{device}, {start}"
+
+
+def hardware_lines(setups: list[TrainingSetup]) -> list[str]:
+    """The page's bullets on where each training ran and what it started from, from the trainings' own runs."""
+    where = _grouped(setups, _device_text, "every training on")
+    hosts = sorted({s.host for s in setups} - {UNKNOWN})
+    if hosts:
+        where += f", host {', '.join(f'`{h}`' for h in hosts)}"
+    weights = _grouped(setups, _weights_text, "every model")
+    return [f"- **Training hardware:** {where} (the trainings' MLflow tags `device`, `gpu_name`)",
+            f"- **Weights:** {weights}"]
 
 
 def _pct(value: float) -> str:
@@ -114,7 +187,26 @@ def stage_times(params: Params) -> tuple[list[StageTime], list[StageTime], list[
     return times, flows, commits
 
 
-def profile_table(params: Params) -> str:
+def training_setups(params: Params) -> list[TrainingSetup]:
+    """The setup of each model in stack.models, read from the MLflow run its models/<name>/mlflow.json names."""
+    import mlflow
+
+    from components import tracking
+
+    tracking.configure(params.tracking)
+    client = mlflow.MlflowClient()
+    setups = []
+    for name in params.stack.models:
+        record = params.paths.models / name / "mlflow.json"
+        run = client.get_run(json.loads(record.read_text())["run_id"]) if record.exists() else None
+        setups.append(training_setup(name, run.data.tags if run else None, run.data.params if run else None,
+                                     params.model(name).weights))
+    return setups
+
+
+def profile_table(params: Params, setups: list[TrainingSetup] | None = None) -> str:
+    """One row per model; the weights column is what each training logged when `setups` has it."""
+    logged = {s.model: s.weights for s in setups or []}
     lines = ["| model | image size | batch | epochs (max) | epochs run | best val accuracy | weights |",
              "|---|---|---|---|---|---|---|"]
     for name in params.stack.models:
@@ -123,7 +215,7 @@ def profile_table(params: Params) -> str:
         history = pd.read_csv(history_file) if history_file.exists() else pd.DataFrame()
         best = _pct(history[params.train.monitor].max()) if params.train.monitor in history else "n/a"
         lines.append(f"| {name} | {model.image_size} | {model.batch_size} | {model.epochs} | {len(history)} | "
-                     f"{best} | {model.weights} |")
+                     f"{best} | {logged.get(name, model.weights)} |")
     return "\n".join(lines)
 
 
@@ -139,6 +231,7 @@ def write_report(params: Params, commit: str) -> Path:
     registered_file = params.paths.registered
     registered = json.loads(registered_file.read_text()) if registered_file.exists() else {}
     times, flows, training_commits = stage_times(params)
+    setups = training_setups(params)
     training_seconds = sum(t.seconds for t in times if t.stage.startswith("train@"))
 
     figures = Path(settings.figures)
@@ -158,7 +251,7 @@ def write_report(params: Params, commit: str) -> Path:
     versions = registered.get("versions", {})
     version_lines = [f"- `{name}` version {v} (alias `{registered.get('alias', '')}`)" for name, v in versions.items()]
 
-    text = f"""# Results: the CPU profile on the full shared data set
+    text = f"""# Results: {headline(setups)}, on the full shared data set
 
 _Written by `braintumor report` from the run's own outputs ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC).
 Do not edit by hand: re-run the profile, then `braintumor report`._
@@ -166,13 +259,14 @@ Do not edit by hand: re-run the profile, then `braintumor report`._
 - **Code:** trained at git commit {', '.join(f"`{c}`" for c in training_commits)} (the trainings' MLflow
   `git_commit` tags; `dvc.lock` holds the hash of every stage's code); page written at `{commit}`
 - **Data:** DVC hash of `{params.paths.raw}` `{data_hash(params.paths.raw.with_name(params.paths.raw.name + '.dvc'))}`
-- **Machine:** {platform.machine()}, {_cpu_count()} cores, no GPU; trained from scratch (`weights: none`)
+{chr(10).join(hardware_lines(setups))}
+- **Page written on:** {platform.machine()}, {_cpu_count()} cores
 - **Test sets:** official test {len(test)} images; clean test {int(test.clean.sum())} images (no near-duplicate
   in the official Training folder, see `docs/near-duplicates.md`)
 
 ## Profile
 
-{profile_table(params)}
+{profile_table(params, setups)}
 
 ## Comparison on both test sets
 

@@ -15,8 +15,7 @@ import numpy as np
 import pandas as pd
 
 from components.config import Params, StackParams
-from components.metrics import basic_metrics, probability_columns
-from components.train import scores, split_metrics
+from components.metrics import basic_metrics, probability_columns, scores, split_metrics
 
 SOFT_VOTE, STACK = "soft_vote", "stack"
 

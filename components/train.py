@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from components.config import ModelParams, Params
-from components.metrics import basic_metrics, plot_confusion, plot_history, probability_columns
+from components.metrics import plot_confusion, plot_history, probability_columns, scores, split_metrics
 
 log = logging.getLogger(__name__)
 
@@ -121,21 +121,6 @@ def predict_frame(model, frame: pd.DataFrame, params: Params, model_params: Mode
     keep = [c for c in ("path", "label", "clean") if c in frame]
     return pd.concat([frame[keep].reset_index(drop=True),
                       pd.DataFrame(probabilities, columns=probability_columns(params.data.classes))], axis=1)
-
-
-def scores(predictions: pd.DataFrame, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    labels = predictions.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
-    return labels, predictions[probability_columns(classes)].to_numpy()
-
-
-def split_metrics(predictions: dict[str, pd.DataFrame], classes: list[str]) -> dict[str, dict[str, float]]:
-    """Metrics on val, the official test set and its clean (leakage-free) subset."""
-    out = {}
-    for split, frame in predictions.items():
-        out[split] = basic_metrics(*scores(frame, classes), classes)
-        if "clean" in frame:
-            out[f"{split}_clean"] = basic_metrics(*scores(frame[frame.clean], classes), classes)
-    return out
 
 
 def train_model(name: str, params: Params) -> TrainResult:

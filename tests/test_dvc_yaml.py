@@ -59,3 +59,9 @@ def test_every_output_is_cached_by_dvc_or_tracked_by_git(stages):
 def test_the_check_sees_a_missing_dependency():
     """The import walk itself: register ships the stacker and the image decoding inside the pyfunc."""
     assert {"stack", "images", "predict"} <= component_imports("register")
+
+
+def test_dvc_collects_the_raw_data_file():
+    """`dvc push`/`pull` only move what DVC collects; a gitignore pattern can hide data/raw.dvc from it."""
+    with Repo(str(ROOT)) as repo:
+        assert "data/raw.dvc" in [stage.addressing for stage in repo.index.stages]

@@ -25,7 +25,7 @@ def test_stacker_is_fitted_on_val_rows_only(in_trained, monkeypatch):
     test = load_predictions(params, "test", params.stack.models)
     stack_module.fit_stacker(val, params.data.classes, params.stack, params.seed)
 
-    from components.train import scores
+    from components.metrics import scores
     expected = stack_features({n: scores(f, params.data.classes)[1] for n, f in val.items()}, params.stack)
     pd.testing.assert_frame_equal(seen["X"].reset_index(drop=True), expected)
     test_features = stack_features({n: scores(f, params.data.classes)[1] for n, f in test.items()}, params.stack)
@@ -68,7 +68,7 @@ def test_metrics_match_sklearn_on_a_known_case():
 
     labels = np.array([0, 0, 1, 2, 3, 3])
     probabilities = np.eye(4)[[0, 1, 1, 2, 3, 2]] * 0.7 + 0.075
-    metrics = full_metrics(labels, probabilities, ["glioma", "meningioma", "notumor", "pituitary"])
+    metrics = full_metrics(labels, probabilities, ["glioma", "meningioma", "notumor", "pituitary"], bins=10)
     assert metrics["accuracy"] == pytest.approx(4 / 6)
     assert metrics["sensitivity_glioma"] == pytest.approx(0.5)
     assert metrics["specificity_meningioma"] == pytest.approx(4 / 5)
