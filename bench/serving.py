@@ -35,7 +35,11 @@ def direct_predict(models: dict, stacker, paths: list[str]) -> np.ndarray:
 def compare(pyfunc, models: dict, stacker, paths: list[str], repeats: int) -> dict:
     import pandas as pd
 
-    frame = pd.DataFrame({"image": paths})
+    import base64
+    from pathlib import Path
+
+    # What a client posts: each image's bytes, base64 (the served model takes no paths).
+    frame = pd.DataFrame({"image": [base64.b64encode(Path(p).read_bytes()).decode() for p in paths]})
     served = pyfunc.predict(frame).filter(like="prob_").to_numpy()  # warm up both, and check they agree
     direct = direct_predict(models, stacker, paths)
     np.testing.assert_allclose(served, direct, atol=1e-4)

@@ -149,6 +149,12 @@ class PromoteParams(Section):
     tie_rule: Literal["keep_champion", "challenger_if_not_worse"]
 
 
+class ServeParams(Section):
+    max_rows: int = Field(gt=0)
+    max_image_bytes: int = Field(gt=0)
+    max_image_pixels: int = Field(gt=0)
+
+
 class FlowParams(Section):
     runner: Literal["local", "ray"]
     device_stages: list[str]
@@ -184,6 +190,43 @@ class TrackingParams(Section):
     artifact_root: str
 
 
+class PostgresServiceParams(Section):
+    port: int = Field(ge=1, le=65535)
+    bin_dir: str
+    run_as: str
+
+
+class MlflowServiceParams(Section):
+    host: str
+    port: int = Field(ge=1, le=65535)
+    workers: int = Field(ge=1)
+    artifacts: Path
+    auth_config: Path
+    allowed_hosts: str
+    auth_cache_ttl: int = Field(ge=0)
+
+
+class PrefectServiceParams(Section):
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class ServicesParams(Section):
+    dir: Path
+    startup_timeout: float = Field(gt=0)
+    stop_timeout: float = Field(gt=0)
+    postgres: PostgresServiceParams
+    mlflow: MlflowServiceParams
+    prefect: PrefectServiceParams
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ServicesParams:
+        ports = [self.postgres.port, self.mlflow.port, self.prefect.port]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"services: postgres.port, mlflow.port and prefect.port must differ, got {ports}")
+        return self
+
+
 class Params(Section):
     seed: int
     paths: Paths
@@ -197,10 +240,12 @@ class Params(Section):
     evaluate: EvaluateParams
     register_: RegisterParams = Field(alias="register")
     promote: PromoteParams
+    serve: ServeParams
     flow: FlowParams
     devices: DeviceParams
     tracking: TrackingParams
     report: ReportParams
+    services: ServicesParams
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     # `validate` and `register` are pydantic/ABC attribute names, so those sections are stored with a suffix.

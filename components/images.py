@@ -7,7 +7,6 @@ training time and at serving time.
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,26 +23,27 @@ class ImageError(ValueError):
 def open_image(source: str | Path | bytes, max_pixels: int) -> Image.Image:
     """Open and fully decode an image, refusing truncated files and decompression bombs.
 
-    PIL only warns between max_pixels and 2*max_pixels, so the warning is raised as an error here.
+    The pixel count is read from the header and checked before any pixel is decoded. No process-wide state is
+    changed (PIL's MAX_IMAGE_PIXELS, warning filters): the scoring server decodes in several threads at once.
     """
     data = source if isinstance(source, bytes | bytearray) else Path(source).read_bytes()
     if not data:
         raise ImageError("empty file (0 bytes)")
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        image = Image.open(io.BytesIO(data))  # parses the header only
+        pixels = image.width * image.height
+        if pixels > max_pixels:
+            raise ImageError(f"decompression bomb refused: {image.width}x{image.height} = {pixels} pixels, over "
+                             f"the limit of {max_pixels}")
+        image.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # PIL's own, looser guard
         raise ImageError(f"decompression bomb refused: {exc}") from None
     except Image.UnidentifiedImageError:
         raise ImageError("not an image (PIL cannot identify the format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"corrupt image: {exc}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
     return image
 
 

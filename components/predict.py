@@ -1,17 +1,28 @@
-"""The served ensemble: one MLflow pyfunc that takes raw images and returns the stacked prediction, and
-`braintumor predict` on top of it."""
+"""The served ensemble: one MLflow pyfunc that takes image bytes and returns the stacked prediction, and
+`braintumor predict` on top of it.
+
+The pyfunc's `predict` is the HTTP boundary of `mlflow models serve`. It takes base64 image bytes; it reads a file
+by path only under the folder the operator names in BRAINTUMOR_SERVE_IMAGE_ROOT (unset: never). Its limits (rows per
+request, bytes and pixels per image) are params `serve`, baked into each registered version. Bad input raises
+`BadInput`, which the scoring server answers with HTTP 400 and the message alone."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import logging
+import os
 import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from PIL import Image
 
 from components.config import ProjectError
@@ -19,35 +30,95 @@ from components.images import ImageError, open_image, to_rgb
 
 IMAGE_COLUMN = "image"
 DEFAULT_MODEL_URI = "models:/brain-tumor-ensemble@champion"
+IMAGE_ROOT_ENV = "BRAINTUMOR_SERVE_IMAGE_ROOT"
+MAX_PATH_CHARS = 4096  # a longer string is never taken for a path
+logger = logging.getLogger(__name__)
 
 
-class BadInput(ProjectError, ValueError):
-    """Rows that cannot be scored; the message names each row and why."""
+class BadInput(ProjectError, MlflowException, ValueError):
+    """Rows that cannot be scored; the message names each row and why, `rows` maps row -> reason.
+
+    An MlflowException with INVALID_PARAMETER_VALUE: the scoring server answers 400 with the message and no stack
+    trace (it attaches a trace to any other exception). The CLI prints it as a user error (ProjectError)."""
+
+    def __init__(self, message: str, rows: dict[int, str] | None = None):
+        MlflowException.__init__(self, message, error_code=INVALID_PARAMETER_VALUE)
+        self.rows = rows or {}
 
 
-def decode_rows(values: pd.Series, max_pixels: int) -> tuple[list[Image.Image | None], list[str]]:
-    """Each value is a file path or base64-encoded image bytes; returns (RGB image per row, errors).
+@dataclass(frozen=True)
+class Limits:
+    max_rows: int  # rows per request
+    max_image_bytes: int  # encoded bytes per image
+    max_image_pixels: int  # width x height per image
+    image_root: Path | None = None  # resolved folder whose files may be sent by path; None: bytes only
 
-    Each row is decoded once, fully, so corrupt and non-image bytes are caught here, before any model runs."""
-    images, errors = [], []
+
+def image_root_from_env() -> Path | None:
+    value = os.environ.get(IMAGE_ROOT_ENV, "").strip()
+    if not value:
+        return None
+    root = Path(value).resolve()
+    if not root.is_dir():
+        raise ProjectError(f"{IMAGE_ROOT_ENV}={value} is not a folder")
+    return root
+
+
+def allowed_file(value: str, root: Path | None) -> Path | None:
+    """The file `value` names (relative to `root`, or absolute) if it lies under `root` once symlinks and `..` are
+    resolved; otherwise None. A path outside `root` on its face is not even looked up."""
+    if root is None or len(value) > MAX_PATH_CHARS or not Path(os.path.normpath(root / value)).is_relative_to(root):
+        return None
+    try:
+        path = (root / value).resolve()
+        return path if path.is_relative_to(root) and path.is_file() else None
+    except (OSError, ValueError):  # too long a name, a NUL byte, a symlink loop
+        return None
+
+
+def image_bytes(value, limits: Limits) -> bytes:
+    """One row's encoded image. A base64 string is measured before it is decoded. The answer for a string that is
+    neither base64 nor an allowed file depends on the string alone, never on which files exist."""
+    if isinstance(value, bytes | bytearray):
+        blob = bytes(value)
+    elif not isinstance(value, str):
+        raise ImageError(f"expected base64 image bytes (a string), got {type(value).__name__}")
+    elif path := allowed_file(value, limits.image_root):
+        try:
+            with path.open("rb") as handle:
+                blob = handle.read(limits.max_image_bytes + 1)
+        except OSError as exc:
+            raise ImageError(f"the file cannot be read ({exc.strerror})") from None
+    elif len(value) > 4 * -(-limits.max_image_bytes // 3):  # base64 of max_image_bytes is 4 * ceil(n / 3) chars
+        raise ImageError(f"{len(value)} base64 characters encode more than the limit of {limits.max_image_bytes} "
+                         "bytes per image")
+    else:
+        try:
+            blob = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageError("not base64 image bytes" + (" (this server does not read file paths)"
+                             if limits.image_root is None else ", nor a file under the allowed image root")) from None
+    if len(blob) > limits.max_image_bytes:
+        raise ImageError(f"more than the limit of {limits.max_image_bytes} bytes per image")
+    return blob
+
+
+def decode_rows(values: pd.Series, limits: Limits, sizes: set[int]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """({size: float32 batch of every row at that size}, {row: why it cannot be scored}).
+
+    Each row is checked and fully decoded once, before any model runs, then resized to every size at once, so at
+    most one full-size image is in memory."""
+    resized: dict[int, list[np.ndarray]] = {size: [] for size in sizes}
+    errors = {}
     for row, value in enumerate(values):
         try:
-            if isinstance(value, bytes | bytearray):
-                blob = bytes(value)
-            elif isinstance(value, str) and len(value) < 4096 and Path(value).is_file():
-                blob = Path(value).read_bytes()
-            elif isinstance(value, str):
-                try:
-                    blob = base64.b64decode(value, validate=True)
-                except (binascii.Error, ValueError):
-                    raise ImageError("neither an existing file path nor base64 image bytes") from None
-            else:
-                raise ImageError(f"expected a path or base64 string, got {type(value).__name__}")
-            images.append(to_rgb(open_image(blob, max_pixels)))
-        except (ImageError, OSError) as exc:
-            errors.append(f"row {row}: {exc}")
-            images.append(None)
-    return images, errors
+            image = to_rgb(open_image(image_bytes(value, limits), limits.max_image_pixels))
+        except ImageError as exc:
+            errors[row] = str(exc)
+            continue
+        for size, batches in resized.items():
+            batches.append(batch_at([image], size))
+    return {size: np.concatenate(batches) for size, batches in resized.items() if batches}, errors
 
 
 def batch_at(images: list[Image.Image], size: int) -> np.ndarray:
@@ -60,7 +131,7 @@ def batch_at(images: list[Image.Image], size: int) -> np.ndarray:
 class EnsembleModel(mlflow.pyfunc.PythonModel):
     """mlflow.pyfunc.PythonModel: four Keras CNNs + the FLAML stacker + the shared image decoding.
 
-    Artifacts: one `<name>` .keras file per base model, `stacker` (pickle) and `meta` (classes, models)."""
+    Artifacts: one `<name>` .keras file per base model, `stacker` (pickle) and `meta` (classes, models, limits)."""
 
     batch_size = 64  # images per forward pass; predict_on_batch skips model.predict's per-call tf.data set-up
 
@@ -71,22 +142,37 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
         self.classes: list[str] = meta["classes"]
-        self.max_pixels: int = meta["max_image_pixels"]
+        # Versions registered before the serve limits existed carry only max_image_pixels: no row or byte limit.
+        self.limits = Limits(meta.get("max_rows", sys.maxsize), meta.get("max_image_bytes", sys.maxsize),
+                             meta["max_image_pixels"], image_root_from_env())
         self.models = {name: keras.models.load_model(context.artifacts[name]) for name in meta["models"]}
         self.stacker = Stacker.load(Path(context.artifacts["stacker"]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        try:
+            return self._predict(model_input)
+        except BadInput:
+            raise
+        except Exception as exc:  # a bug: the trace goes to the server log, not to the client
+            logger.exception("scoring failed")
+            raise MlflowException("internal error while scoring; the server log has the details",
+                                  error_code=INTERNAL_ERROR) from exc
+
+    def _predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
         if IMAGE_COLUMN not in model_input:
-            raise BadInput(f"input needs a column {IMAGE_COLUMN!r} of file paths or base64 image bytes; "
+            raise BadInput(f"input needs a column {IMAGE_COLUMN!r} of base64 image bytes; "
                            f"got columns {list(model_input.columns)}")
-        images, errors = decode_rows(model_input[IMAGE_COLUMN], self.max_pixels)
+        rows = len(model_input)
+        if not 0 < rows <= self.limits.max_rows:
+            raise BadInput(f"a request holds 1 to {self.limits.max_rows} rows; got {rows}")
+        batches, errors = decode_rows(model_input[IMAGE_COLUMN], self.limits,
+                                      {model.input_shape[1] for model in self.models.values()})
         if errors:
-            raise BadInput(f"{len(errors)} of {len(images)} rows cannot be scored: " + "; ".join(errors))
-        batches: dict[int, np.ndarray] = {}  # one resize per input size, shared by models of that size
+            raise BadInput(f"{len(errors)} of {rows} rows cannot be scored: "
+                           + "; ".join(f"row {row}: {why}" for row, why in errors.items()), errors)
         probabilities = {}
         for name, model in self.models.items():
-            size = model.input_shape[1]
-            batch = batches.setdefault(size, batch_at(images, size))
+            batch = batches[model.input_shape[1]]
             probabilities[name] = np.concatenate([
                 np.asarray(model.predict_on_batch(batch[start:start + self.batch_size]))
                 for start in range(0, len(batch), self.batch_size)])
@@ -97,8 +183,10 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
 
 def predict_paths(paths: list[str], model_uri: str = DEFAULT_MODEL_URI) -> pd.DataFrame:
-    from mlflow.exceptions import MlflowException
-
+    """Score local image files: this process reads them and sends their bytes, base64-encoded, as a client of the
+    served model would (the model never reads a path), at most the model's `max_rows` per call."""
+    if not paths:
+        raise ProjectError("no image files to score")
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:  # only an unset alias (e.g. @champion before any promotion) is reworded
@@ -109,6 +197,20 @@ def predict_paths(paths: list[str], model_uri: str = DEFAULT_MODEL_URI) -> pd.Da
             f"{model_uri}: {name} has no @{alias} version yet. Run `braintumor promote` first (after "
             f"`braintumor register`), or pass --model-uri, e.g. models:/{name}@challenger or models:/{name}/1"
         ) from exc
-    out = model.predict(pd.DataFrame({IMAGE_COLUMN: [str(p) for p in paths]}))
-    out.insert(0, "path", [str(p) for p in paths])
+    paths = [str(p) for p in paths]
+    limits = getattr(model.unwrap_python_model(), "limits", None)
+    step = limits.max_rows if limits else len(paths)
+    parts = []
+    for start in range(0, len(paths), step):
+        chunk = paths[start:start + step]
+        frame = pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(Path(p).read_bytes()).decode() for p in chunk]})
+        try:
+            parts.append(model.predict(frame))
+        except BadInput as exc:  # name the files, not the rows of one chunk
+            if not exc.rows:
+                raise
+            raise BadInput(f"{len(exc.rows)} of {len(chunk)} files cannot be scored: "
+                           + "; ".join(f"{chunk[row]}: {why}" for row, why in exc.rows.items())) from None
+    out = pd.concat(parts, ignore_index=True)
+    out.insert(0, "path", paths)
     return out

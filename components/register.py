@@ -35,8 +35,9 @@ def model_card(params: Params, model: str, metrics: dict, tags: dict[str, str]) 
         "**Splits:** " + ", ".join(f"{s}: {sum(c.values())}" for s, c in counts.items())
         + f" (clean test: {split_report.get('clean_test', 'n/a')}; training images removed as duplicates of test: "
         f"{split_report.get('removed_from_training', {}).get('total', 'n/a')})", "",
-        "**Input:** " + ("a DataFrame column `image` with file paths or base64-encoded image bytes, any size, "
-                         "grayscale or colour" if model == ENSEMBLE else
+        "**Input:** " + ("a DataFrame column `image` of base64-encoded image bytes, grayscale or colour, at most "
+                         f"{params.serve.max_image_bytes} bytes and {params.serve.max_image_pixels} pixels per image "
+                         f"and {params.serve.max_rows} images per request" if model == ENSEMBLE else
                          "float32 RGB images 0-255, shape (n, size, size, 3)"),
         f"**Output:** class probabilities; class map {dict(enumerate(params.data.classes))}", "",
         "| test set | accuracy | macro-F1 | " + " | ".join(f"sens. {c}" for c in params.data.classes) + " |",
@@ -85,8 +86,9 @@ def log_ensemble(params: Params):
     folder = params.paths.models / "stacker"
     # Written outside models/stacker/, which is the stack stage's DVC output; MLflow copies it into the model.
     meta_path = Path(tempfile.mkdtemp(prefix="ensemble-")) / "ensemble_meta.json"
+    # The serve limits (rows per request, bytes and pixels per image) travel with the version (EnsembleModel).
     meta_path.write_text(json.dumps({"classes": params.data.classes, "models": params.stack.models,
-                                     "max_image_pixels": params.manifest.max_image_pixels}) + "\n")
+                                     **params.serve.model_dump()}) + "\n")
     artifacts = {name: str(params.paths.models / name / "model.keras") for name in params.stack.models}
     artifacts |= {"stacker": str(folder / "stacker.pkl"), "meta": str(meta_path)}
     signature = ModelSignature(

@@ -4,6 +4,7 @@ pyfunc that answers from the image path (no TensorFlow, no images)."""
 
 from __future__ import annotations
 
+import base64
 import math
 from pathlib import Path
 
@@ -141,8 +142,8 @@ class PathOracle(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         rows = []
-        for path in model_input["image"]:
-            _, index, label = Path(path).stem.split("_")
+        for value in model_input["image"]:  # predict_paths sends each file's bytes: here, the file's own name
+            _, index, label = Path(base64.b64decode(value).decode()).stem.split("_")
             truth = CLASSES.index(label)
             rows.append(np.eye(len(CLASSES))[truth if int(index) in self.right else (truth + 1) % len(CLASSES)])
         out = pd.DataFrame(rows, columns=[f"prob_{c}" for c in CLASSES])
@@ -157,6 +158,8 @@ def registry(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     splits = tmp_path / "splits"
     splits.mkdir()
+    for i in range(GATE_IMAGES):
+        (tmp_path / f"img_{i}_{CLASSES[i % 4]}.png").write_text(f"img_{i}_{CLASSES[i % 4]}.png")
     pd.DataFrame({"path": [f"img_{i}_{CLASSES[i % 4]}.png" for i in range(GATE_IMAGES)],
                   "label": [CLASSES[i % 4] for i in range(GATE_IMAGES)]}).to_csv(splits / "gate.csv", index=False)
     params = load_params(ROOT / "params.yaml", [
