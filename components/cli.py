@@ -176,6 +176,17 @@ def _flow_serve(args, params):
     serve(args.params)
 
 
+@command("services")
+def _services(args, params):
+    from components.services import run
+
+    result = run(args.action, params)
+    if args.action == "up":  # shell lines for the pipeline, e.g. eval "$(braintumor services up)"
+        print("\n".join(result["exports"]))
+        return None
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="braintumor", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -217,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     flow_predict.add_argument("folder")
     flow_predict.add_argument("--model-uri", default="models:/brain-tumor-ensemble@champion")
     flow.add_parser("serve", help="serve the scheduled train_pipeline deployment (cron from params)")
+    services = sub.add_parser("services", help="team PostgreSQL, MLflow (basic auth) and Prefect servers (params: "
+                              "services); credentials from the environment")
+    services.add_argument("action", choices=["up", "down", "status"],
+                          help="up: start what is not running and print the pipeline's env; down: stop all; status")
     explain = sub.add_parser("explain", help="Grad-CAM overlay PNG for one image")
     explain.add_argument("image")
     explain.add_argument("--model", required=True, help="base model name")
