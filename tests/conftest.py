@@ -185,6 +185,8 @@ def trained_workspace(tmp_path_factory, prefect_harness):
                 record["dvc_status_after_first"] = json.loads(status.stdout or "{}")
         (root / "flow_runs.json").write_text(json.dumps(record, indent=2, default=str))
         shutil.copy2(root / "params.yaml", root / "params_trained.yaml")  # for code that takes a params path
+        # As the flow left it, before any test registers, promotes or reports in the workspace: `trained_copy`.
+        shutil.copytree(root, root.parent / "pristine", symlinks=True)
     finally:
         os.chdir(previous)
     return root
@@ -196,10 +198,10 @@ TRAINED_EXTRA = ["stack.time_budget=3", "evaluate.gradcam_examples=1", "promote.
 
 @pytest.fixture
 def trained_copy(trained_workspace, tmp_path) -> Path:
-    """A private copy of the trained workspace with everything committed to git: a repo that can be cloned.
-    Its MLflow store is a copy too; artifacts stay where the trained workspace logged them."""
+    """A private copy of the trained workspace as the flow left it, with everything committed to git: a repo that
+    can be cloned. Its MLflow store is a copy too; artifacts stay where the trained workspace logged them."""
     copy = tmp_path / "trained-copy"
-    shutil.copytree(trained_workspace, copy, symlinks=True)
+    shutil.copytree(trained_workspace.parent / "pristine", copy, symlinks=True)
     for command in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "trained tiny pipeline"]):
         subprocess.run(command, cwd=copy, check=True, capture_output=True)
     return copy
