@@ -7,17 +7,24 @@ id) and a model card as its description. Promotion to `champion` is a separate, 
 from __future__ import annotations
 
 import base64
+import errno
 import json
+import logging
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from components.config import Params
+from components.config import Params, ProjectError
 from components.predict import IMAGE_COLUMN
 from components.stack import STACK
 
 ENSEMBLE = "ensemble"
+log = logging.getLogger(__name__)
+
+
+class ArtifactStoreFull(ProjectError):
+    """The artifact store ran out of space (or quota) while `register` wrote a model: nothing was registered."""
 
 
 def registered_name(params: Params, model: str) -> str:
@@ -57,15 +64,54 @@ def model_card(params: Params, model: str, metrics: dict, tags: dict[str, str]) 
     return "\n".join(lines)
 
 
+def _alias_version(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias).version
+    except MlflowException:  # no such model or alias yet
+        return None
+
+
 def _version_for(client, name: str, model_uri: str, run_id: str | None, tags: dict[str, str], card: str,
-                 alias: str):
+                 alias: str, created: list[tuple[str, str, str | None]]):
+    """Register `model_uri` as a new version of `name` with its card and `alias`; the version (and the version
+    the alias pointed to before) is appended to `created`, so that a failed `register` can take it back."""
     import mlflow
 
+    previous = _alias_version(client, name, alias)
     version = mlflow.register_model(model_uri, name, tags=tags)
+    created.append((name, version.version, previous))
     client.update_registered_model(name, description=f"Brain tumor MRI classifier ({name}).")
     client.update_model_version(name, version.version, description=card)
     client.set_registered_model_alias(name, alias, version.version)
     return version
+
+
+def _take_back(client, created: list[tuple[str, str, str | None]], alias: str) -> None:
+    """Delete the versions a failed `register` created and move `alias` back where it was: the registry is left
+    as it was before the command."""
+    for name, version, previous in reversed(created):
+        try:
+            client.delete_model_version(name, version)
+            if previous is not None:
+                client.set_registered_model_alias(name, alias, previous)
+            log.warning("register failed: deleted %s version %s%s", name, version,
+                        f", @{alias} back on version {previous}" if previous is not None else "")
+        except Exception as exc:  # noqa: BLE001 - the original error is the one to report
+            log.error("register failed and could not delete %s version %s (%s): delete it by hand", name,
+                      version, exc)
+
+
+def _no_space(exc: BaseException) -> OSError | None:
+    """The OSError ENOSPC (or EDQUOT) that `exc` is or was raised from, if any."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def example_frame(params: Params) -> pd.DataFrame:
@@ -115,21 +161,37 @@ def run_register(params: Params) -> dict:
         raise FileNotFoundError(f"{evaluation_path} not found: run `braintumor evaluate` first")
     evaluation = json.loads(evaluation_path.read_text())
     registered = {}
+    created: list[tuple[str, str, str | None]] = []
     with tracking.stage_run(params, "register", "register") as run:
         client = MlflowClient()  # after stage_run has pointed MLflow at the store
         tags = tracking.provenance(params)
-        for name in params.stack.models:
-            logged = json.loads((params.paths.models / name / "mlflow.json").read_text())
-            version = _version_for(client, registered_name(params, name), logged["model_uri"], logged["run_id"],
-                                   tags, model_card(params, name, evaluation.get(name, {}), tags), alias)
-            registered[name] = version.version
-        info = log_ensemble(params)
-        ensemble_tags = {**tags, "stacker_best_estimator": json.loads(
-            (params.paths.models / "stacker" / "meta.json").read_text())["best_estimator"]}
-        version = _version_for(client, registered_name(params, ENSEMBLE), info.model_uri, run.info.run_id,
-                               ensemble_tags, model_card(params, ENSEMBLE, evaluation.get(STACK, {}), tags), alias)
-        registered[ENSEMBLE] = version.version
-        mlflow.log_dict(registered, "registered_versions.json")
+        try:
+            # The ensemble is the one model `register` writes: written first, so that a failed write (a full
+            # artifact store) happens before any version exists. MLflow marks the half-written model FAILED.
+            info = log_ensemble(params)
+            for name in params.stack.models:
+                logged = json.loads((params.paths.models / name / "mlflow.json").read_text())
+                version = _version_for(client, registered_name(params, name), logged["model_uri"],
+                                       logged["run_id"], tags, model_card(params, name, evaluation.get(name, {}),
+                                                                          tags), alias, created)
+                registered[name] = version.version
+            ensemble_tags = {**tags, "stacker_best_estimator": json.loads(
+                (params.paths.models / "stacker" / "meta.json").read_text())["best_estimator"]}
+            version = _version_for(client, registered_name(params, ENSEMBLE), info.model_uri, run.info.run_id,
+                                   ensemble_tags, model_card(params, ENSEMBLE, evaluation.get(STACK, {}), tags),
+                                   alias, created)
+            registered[ENSEMBLE] = version.version
+            mlflow.log_dict(registered, "registered_versions.json")
+        except Exception as exc:
+            _take_back(client, created, alias)
+            if (full := _no_space(exc)) is not None:
+                where = full.filename or run.info.artifact_uri
+                raise ArtifactStoreFull(
+                    f"the artifact store is full: {full.strerror or 'no space left'} writing {where}. Nothing was "
+                    "registered (every version this run created was deleted; a half-written model stays in the "
+                    "store marked FAILED, and no version points to it). Free space there (or raise the quota), then "
+                    "run `braintumor register` again") from exc
+            raise
     summary = {registered_name(params, n): v for n, v in registered.items()}
     out = params.paths.registered
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -749,6 +749,27 @@ def down(params: Params) -> dict:
     return result
 
 
+def stop_service(params: Params, service: str) -> str:
+    """Stop one service ("postgres", "mlflow" or "prefect") as `down` stops it, leaving the others running (for
+    fault drills: `up` starts it again). Returns "stopped" or "not running"."""
+    services = params.services
+    if service not in NAMES:
+        raise ServiceError(f"unknown service {service!r}: one of {', '.join(NAMES)}")
+    layout_ = layout(services)
+    if not layout_.root.exists():
+        return "not running"
+    lock = _lock(layout_, services.stop_timeout + 60)
+    try:
+        if service == "postgres":
+            state = _postgres_down(services, layout_)
+        else:
+            state = _stop_group(layout_, service, services.stop_timeout)
+    finally:
+        lock.release()
+    logger.info("%s: %s", NAMES[service], state)
+    return state
+
+
 def status(params: Params) -> dict:
     """What runs where: each service's state, address, pid and log, and what to do about a problem."""
     services = params.services

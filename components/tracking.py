@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
-from components.config import Params, TrackingParams
+from components.config import Params, ProjectError, TrackingParams
 from components.data_import import data_hash
 
 # Set by a Prefect flow so that stage runs nest under its parent run.
@@ -37,17 +39,66 @@ def public_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
 
 
+class TrackingUnavailable(ProjectError):
+    """The MLflow tracking server MLFLOW_TRACKING_URI names did not answer after MLflow's own retries: it is down,
+    unreachable, or up without its database."""
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """Why an MLflow server could not be used, when `exc` (an MlflowException raised by MLflow's REST client, which
+    keeps the requests error as its cause or context) is a connection failure, a timeout or a 5xx answered to every
+    retry; None for any other error (a 403, a missing run, a bug)."""
+    import requests
+
+    chain, seen = [], exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for error in chain:
+        if isinstance(error, requests.exceptions.RetryError):
+            status = re.search(r"too many (\d{3}) error responses", str(error))
+            return (f"answered HTTP {status.group(1) if status else '5xx'} to every attempt: it runs but cannot "
+                    "serve requests, most likely because its database (PostgreSQL) is down")
+        if isinstance(error, requests.exceptions.Timeout):
+            return "did not answer in time (MLFLOW_HTTP_REQUEST_TIMEOUT)"
+        if isinstance(error, requests.exceptions.ConnectionError):
+            return "cannot be reached: nothing answers at that address (the server is not running)"
+    return None
+
+
+def unavailable_error(uri: str, exc: BaseException) -> TrackingUnavailable | None:
+    """A TrackingUnavailable naming the server and how to start it, or None when `exc` is another kind of error."""
+    why = _unreachable(exc)
+    if why is None:
+        return None
+    cause = " ".join(str(exc).split())
+    return TrackingUnavailable(
+        f"MLflow tracking server {public_uri(uri)} (MLFLOW_TRACKING_URI) {why}. For the project's team services, "
+        "`braintumor services status` says what runs and `braintumor services up` starts what does not; otherwise "
+        "start that server, or unset MLFLOW_TRACKING_URI to use the local store. Then run the command again: a "
+        "training resumes from its last finished epoch. (MLflow's last error: "
+        f"{cause[:300]}{'...' if len(cause) > 300 else ''})")
+
+
 def configure(tracking: TrackingParams) -> str:
-    """Point MLflow at MLFLOW_TRACKING_URI, or at the project's sqlite store; create the experiment."""
+    """Point MLflow at MLFLOW_TRACKING_URI, or at the project's sqlite store; create the experiment. A tracking
+    server that does not answer (after MLflow's retries: MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR,
+    _TIMEOUT) is a TrackingUnavailable naming it and how to start it."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)  # note: MLflow also exports it as MLFLOW_TRACKING_URI for subprocesses
-    if mlflow.get_experiment_by_name(tracking.experiment) is None:
-        # On the project's own store, artifacts live beside it; any other server picks its own location.
-        location = Path(tracking.artifact_root).resolve().as_uri() if same_store(uri, tracking.tracking_uri) else None
-        mlflow.create_experiment(tracking.experiment, artifact_location=location)
-    mlflow.set_experiment(tracking.experiment)
+    try:
+        if mlflow.get_experiment_by_name(tracking.experiment) is None:
+            # On the project's own store, artifacts live beside it; any other server picks its own location.
+            location = (Path(tracking.artifact_root).resolve().as_uri() if same_store(uri, tracking.tracking_uri)
+                        else None)
+            mlflow.create_experiment(tracking.experiment, artifact_location=location)
+        mlflow.set_experiment(tracking.experiment)
+    except MlflowException as exc:
+        if (error := unavailable_error(uri, exc)) is not None:
+            raise error from exc
+        raise
     return uri
 
 
@@ -93,8 +144,13 @@ def stage_run(params: Params, run_name: str, stage: str):
     tags = {**provenance(params), "stage": stage}
     if parent:
         tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
-        yield run
+    try:
+        with mlflow.start_run(run_name=run_name, tags=tags) as run:
+            yield run
+    except MlflowException as exc:  # the server went away during the stage: say which, and how to start it
+        if (error := unavailable_error(mlflow.get_tracking_uri(), exc)) is not None:
+            raise error from exc
+        raise
 
 
 def flatten(prefix: str, value: dict) -> dict[str, object]:

@@ -9,7 +9,9 @@ meant for concurrent use, so the stages' commands run in parallel but DVC is onl
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -113,9 +115,59 @@ def commit_unchanged(name: str, started_with: dict[str, str], root: Path | str) 
         repo.commit(name, force=True)
 
 
+def _pid_running(pid: int) -> bool:
+    """Whether `pid` is a live process on this host (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _dead_holder(owner: str) -> int | None:
+    """The pid an `.owner` record names when it is on this host and no longer running, else None."""
+    found = re.match(r"pid (\d+) on (\S+)", owner)
+    if found and found.group(2) == socket.gethostname() and not _pid_running(int(found.group(1))):
+        return int(found.group(1))
+    return None
+
+
+def _takeover_message(owner: str, holder: Path) -> str:
+    """What a run says when it finds the `.owner` record of a run that ended without releasing the lock (killed,
+    or its machine lost): the lock itself was released with the process, only the record stayed behind."""
+    found = re.match(r"pid (\d+) on (\S+)(?: since (\S+))?", owner)
+    if not found:
+        return f"taking over the lock left behind in {holder} ({owner or 'empty'})"
+    pid, host, since = int(found.group(1)), found.group(2), found.group(3) or "an unknown time"
+    if host != socket.gethostname():
+        return (f"taking over the lock of pid {pid} on {host} (held since {since}): it no longer holds the lock; "
+                "stages it finished are committed, the others run again")
+    state = "no longer running" if not _pid_running(pid) else "running, but no longer holding the lock"
+    return (f"taking over the lock of pid {pid}, {state} (held since {since}); stages it finished are committed, "
+            "the others run again")
+
+
+def _logger():
+    """The flow run's logger inside a Prefect run (so the message reaches the UI), else this module's."""
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # MissingContextError: called outside a flow or task run
+        return logging.getLogger(__name__)
+
+
 @contextmanager
 def run_lock(timeout: float, root: Path | str = "."):
-    """One training flow per repo at a time; a second run waits up to `timeout` seconds, then fails clearly."""
+    """One training flow per repo at a time; a second run waits up to `timeout` seconds, then fails clearly.
+
+    The lock is an OS file lock, released by the kernel when its process dies, even by `kill -9`; the `.owner`
+    record beside it then stays behind, and the next run takes over saying whose lock it was."""
     path = Path(root) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     holder = path.with_suffix(".owner")
@@ -124,9 +176,15 @@ def run_lock(timeout: float, root: Path | str = "."):
         lock.acquire(timeout=timeout)
     except Timeout:
         owner = holder.read_text().strip() if holder.exists() else "unknown"
-        raise ConcurrentRun(f"another train_pipeline run holds {path} ({owner}); waited {timeout:g} s. "
+        hint = ""
+        if (dead := _dead_holder(owner)) is not None:
+            hint = (f" pid {dead} is no longer running, so a process it started holds the lock: find it with "
+                    f"`fuser {path}`.")
+        raise ConcurrentRun(f"another train_pipeline run holds {path} ({owner}); waited {timeout:g} s.{hint} "
                             "Wait for it to finish, or raise flow.lock_timeout in params.yaml") from None
     try:
+        if holder.exists():
+            _logger().warning(_takeover_message(holder.read_text().strip(), holder))
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         holder.write_text(f"pid {os.getpid()} on {socket.gethostname()} since {started}\n")
         yield

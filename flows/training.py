@@ -51,14 +51,49 @@ def stage_environment(base: dict[str, str]) -> dict[str, str]:
     return {**base, "PATH": os.pathsep.join([scripts, base.get("PATH", "")])}
 
 
+# The stage's command runs under this small guard, so that no stage process outlives the flow that started it.
+# The guard asks the kernel (Linux prctl PR_SET_PDEATHSIG) for SIGTERM when the flow's thread that started it
+# dies, even by `kill -9`, and runs the command through the shell in a process group of its own; on SIGTERM, SIGHUP
+# or SIGINT it stops that whole group (the shell and everything the command started), SIGKILL after a grace time.
+# A training stopped this way resumes from its last finished epoch at the next run.
+STAGE_GUARD = r"""
+import os, signal, subprocess, sys
+flow_pid, grace, command = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+child = None
+def stop(signum, frame):
+    if child is not None:
+        try:
+            os.killpg(child.pid, signal.SIGTERM)
+            child.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os._exit(128 + signum)
+for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    signal.signal(signum, stop)
+if sys.platform.startswith("linux"):
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() != flow_pid:  # the flow died before the request above took effect
+    sys.exit(128 + signal.SIGTERM)
+child = subprocess.Popen(command, shell=True, start_new_session=True)
+code = child.wait()
+sys.exit(code if code >= 0 else 128 - code)
+"""
+STAGE_STOP_GRACE_SECONDS = 10
+
+
 def run_command(spec: StageSpec, root: Path, env: dict[str, str], log_path: Path, tail_lines: int) -> float:
-    """Run the stage's dvc.yaml command in its working directory; its output goes to `log_path`."""
+    """Run the stage's dvc.yaml command in its working directory; its output goes to `log_path`. The command runs
+    under STAGE_GUARD: if the flow process dies, even by `kill -9`, the stage's processes are stopped with it."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         # Through the shell, as `dvc repro` runs a stage's cmd.
-        code = subprocess.run(spec.cmd, shell=True, cwd=root / spec.wdir, env=stage_environment(env),
-                              stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run([sys.executable, "-c", STAGE_GUARD, str(os.getpid()), str(STAGE_STOP_GRACE_SECONDS),
+                               spec.cmd], cwd=root / spec.wdir, env=stage_environment(env), stdout=log,
+                              stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise StageFailed(f"{spec.name} failed (exit {code}); last lines of {log_path}:\n"
                           f"{log_tail(log_path, tail_lines)}")

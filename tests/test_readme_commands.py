@@ -10,6 +10,7 @@ import subprocess
 import time
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -33,7 +34,9 @@ SET_UP = readme_line("export MLFLOW_TRACKING_URI=")
 def wait_for(url: str, seconds: float, process: subprocess.Popen) -> bytes:
     deadline = time.time() + seconds
     while time.time() < deadline:
-        assert process.poll() is None, f"the server exited with {process.returncode}"
+        if process.poll() is not None:
+            log = process.log_path
+            raise AssertionError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 return response.read()
@@ -44,20 +47,24 @@ def wait_for(url: str, seconds: float, process: subprocess.Popen) -> bytes:
 
 @contextmanager
 def background(command: str, cwd):
-    process = subprocess.Popen(["bash", "-c", f"{SET_UP}\nexec {command}"], cwd=cwd, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = Path(cwd) / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(["bash", "-c", f"{SET_UP}\nexec {command}"], cwd=cwd, start_new_session=True,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    process.log_path = log_path
     try:
         yield process
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
 
 
 @pytest.fixture
-def champion_workspace(trained_copy, monkeypatch):
+def champion_workspace(trained_copy):
     """The trained copy with its ensemble at @champion, and a scan.jpg to post."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{trained_copy}/mlflow/mlflow.db")
-    client = mlflow.MlflowClient()
+    # Explicit: an earlier mlflow.set_tracking_uri in this process would win over the environment.
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{trained_copy}/mlflow/mlflow.db")
     name = "brain-tumor-ensemble"
     version = client.get_model_version_by_alias(name, "challenger").version
     client.set_registered_model_alias(name, "champion", version)

@@ -69,9 +69,10 @@ def test_fake_gpus_are_never_shared_and_never_oversubscribed(prefect_harness, fa
     assert {r["device"] for r in records} <= {"0", "1"} and all(r["parent"] == "parent-123" for r in records)
     for r in records:
         overlapping = [o for o in records if o is not r and o["start"] < r["end"] and r["start"] < o["end"]]
-        assert len(overlapping) <= 1, "more trainings at once than GPUs"
         assert all(o["device"] != r["device"] for o in overlapping), "two trainings shared a GPU"
-    assert max(len([o for o in records if o["start"] <= r["start"] < o["end"]]) for r in records) == 2
+    # At every training's start, how many run: never more than the two GPUs, and both GPUs get used at once.
+    running = [len([o for o in records if o["start"] <= r["start"] < o["end"]]) for r in records]
+    assert max(running) == 2, running
 
 
 def test_stages_outside_device_stages_take_no_device_slot(prefect_harness, fake_trainings, tmp_path, monkeypatch):
