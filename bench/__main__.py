@@ -5,6 +5,7 @@ command then prints every goal and writes bench/results/summary.md.
   training  input pipeline vs image_dataset_from_directory; training vs bare in-memory model.fit
   noop      no-op `dvc repro` and no-op scheduled train_pipeline
   serving   the ensemble pyfunc vs the four Keras models called directly
+  load      the served ensemble under 1, 4, 16 clients; the team MLflow server under 4 trainings' metric logging
 Usage: python -m bench [--parts training noop serving] [--training-args "--images 256 --repeats 2"]
 """
 
@@ -18,7 +19,7 @@ import sys
 
 from bench.training import RESULTS_DIR, now
 
-PARTS = ("training", "noop", "serving")
+PARTS = ("training", "noop", "serving", "load")
 
 
 def goal_rows(part: str, results: dict) -> list[tuple[str, str, str, bool]]:
