@@ -29,6 +29,10 @@ def _print(result: object) -> None:
 
 @command("data import")
 def _data_import(args, params):
+    if args.append:
+        from components.data_append import append_dataset
+
+        return append_dataset(args.source, params)
     from components.data_import import import_dataset
 
     return import_dataset(args.source, params.paths.raw)
@@ -122,6 +126,13 @@ def _predict(args, params):
     return None
 
 
+@command("evaluate-external")
+def _evaluate_external(args, params):
+    from components.external import run_external
+
+    return run_external(params, args.source, args.model_uri, args.name)
+
+
 @command("explain")
 def _explain(args, params):
     from components.explain import explain_image
@@ -199,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_import = data.add_parser("import", help="copy a Kaggle-layout data set into data/raw and `dvc add` it")
     data_import.add_argument("--source", required=True,
                              help="a folder, a .zip, or kaggle:masoudnickparvar/brain-tumor-mri-dataset")
+    data_import.add_argument("--append", action="store_true",
+                             help="add the labelled scans of the folder SRC/<class>/ (or SRC/Training/<class>/) to "
+                             "data/raw/Training as a new DVC version; refuses unreadable, invalid or unknown-class "
+                             "files and near duplicates of test images, all or nothing")
 
     sub.add_parser("manifest", help="scan data/raw into data/manifest.parquet")
     sub.add_parser("validate", help="Great Expectations checks; writes quarantine and Data Docs")
@@ -219,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", help="image files")
     predict.add_argument("--model-uri", default="models:/brain-tumor-ensemble@champion")
     predict.add_argument("--out", help="write a CSV here instead of printing it")
+    external = sub.add_parser("evaluate-external", help="score a labelled folder of another collection with the "
+                              "ensemble and every base model, without the Kaggle set's duplicates (params: external)")
+    external.add_argument("--source", required=True, help="DIR/<class>/ (Kaggle classes, optionally under "
+                          "Training/ and Testing/), DIR/{yes,no}/ or DIR/{tumor,notumor}/")
+    external.add_argument("--model-uri", help="a pyfunc ensemble, e.g. models:/brain-tumor-ensemble@champion "
+                          "(default: the workspace's trained models/, no registry needed)")
+    external.add_argument("--name", help="report name: external.out_dir/NAME.{md,json} (default: the folder's name)")
     flow = sub.add_parser("flow", help="Prefect flows").add_subparsers(dest="flow_command", required=True)
     flow_train = flow.add_parser("train", help="run train_pipeline (ephemeral Prefect server unless PREFECT_API_URL);"
                                  " -S KEY=VALUE is written into params.yaml under the run lock, like `dvc exp run -S`")

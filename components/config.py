@@ -184,6 +184,13 @@ class ReportParams(Section):
     tolerance: float = Field(ge=0, le=1)
 
 
+class ExternalParams(Section):
+    out_dir: Path
+    tumor_threshold: float = Field(gt=0, lt=1)
+    interval_below: int = Field(ge=0)
+    confidence: float = Field(gt=0, lt=1)
+
+
 class TrackingParams(Section):
     experiment: str
     tracking_uri: str
@@ -246,6 +253,7 @@ class Params(Section):
     tracking: TrackingParams
     report: ReportParams
     services: ServicesParams
+    external: ExternalParams
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     # `validate` and `register` are pydantic/ABC attribute names, so those sections are stored with a suffix.

@@ -159,6 +159,19 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
                                   error_code=INTERNAL_ERROR) from exc
 
     def _predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
+        from components.stack import STACK
+
+        stacked = self.component_probabilities(model_input)[STACK]
+        out = pd.DataFrame(stacked, columns=[f"prob_{c}" for c in self.classes])
+        out.insert(0, "predicted_class", np.array(self.classes)[stacked.argmax(axis=1)])
+        return out
+
+    def component_probabilities(self, model_input: pd.DataFrame) -> dict[str, np.ndarray]:
+        """{base model name: its class probabilities, `soft_vote`: their mean, `stack`: the stacker's}, each
+        (rows, classes) in `self.classes` order. The one scoring path: `predict` serves its `stack`, and
+        `braintumor evaluate-external` reads all of them. Bad input raises `BadInput` before any model runs."""
+        from components.stack import SOFT_VOTE, STACK, soft_vote
+
         if IMAGE_COLUMN not in model_input:
             raise BadInput(f"input needs a column {IMAGE_COLUMN!r} of base64 image bytes; "
                            f"got columns {list(model_input.columns)}")
@@ -176,19 +189,15 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
             probabilities[name] = np.concatenate([
                 np.asarray(model.predict_on_batch(batch[start:start + self.batch_size]))
                 for start in range(0, len(batch), self.batch_size)])
-        stacked = self.stacker.predict_proba(probabilities)
-        out = pd.DataFrame(stacked, columns=[f"prob_{c}" for c in self.classes])
-        out.insert(0, "predicted_class", np.array(self.classes)[stacked.argmax(axis=1)])
-        return out
+        return {**probabilities, SOFT_VOTE: soft_vote(probabilities),
+                STACK: self.stacker.predict_proba(probabilities)}
 
 
-def predict_paths(paths: list[str], model_uri: str = DEFAULT_MODEL_URI) -> pd.DataFrame:
-    """Score local image files: this process reads them and sends their bytes, base64-encoded, as a client of the
-    served model would (the model never reads a path), at most the model's `max_rows` per call."""
-    if not paths:
-        raise ProjectError("no image files to score")
+def load_pyfunc(model_uri: str = DEFAULT_MODEL_URI):
+    """mlflow.pyfunc.load_model, with an unset alias (e.g. @champion before any promotion) reworded as a user error
+    that says what to run."""
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:  # only an unset alias (e.g. @champion before any promotion) is reworded
         name, at, alias = model_uri.removeprefix("models:/").partition("@")
         if not (model_uri.startswith("models:/") and at and re.search(r"alias .*not found", str(exc), re.I)):
@@ -197,6 +206,14 @@ def predict_paths(paths: list[str], model_uri: str = DEFAULT_MODEL_URI) -> pd.Da
             f"{model_uri}: {name} has no @{alias} version yet. Run `braintumor promote` first (after "
             f"`braintumor register`), or pass --model-uri, e.g. models:/{name}@challenger or models:/{name}/1"
         ) from exc
+
+
+def predict_paths(paths: list[str], model_uri: str = DEFAULT_MODEL_URI) -> pd.DataFrame:
+    """Score local image files: this process reads them and sends their bytes, base64-encoded, as a client of the
+    served model would (the model never reads a path), at most the model's `max_rows` per call."""
+    if not paths:
+        raise ProjectError("no image files to score")
+    model = load_pyfunc(model_uri)
     paths = [str(p) for p in paths]
     limits = getattr(model.unwrap_python_model(), "limits", None)
     step = limits.max_rows if limits else len(paths)

@@ -120,6 +120,21 @@ def example_frame(params: Params) -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(Path(first).read_bytes()).decode()]})
 
 
+def ensemble_artifacts(params: Params, meta_dir: Path | None = None) -> dict[str, str]:
+    """The EnsembleModel's artifacts from the workspace's trained models: one `<name>` per base model
+    (models/<name>/model.keras), `stacker` (models/stacker/stacker.pkl) and `meta` (classes, models, serve limits),
+    which is written to `meta_dir` (default: a new temporary folder). What `register` logs, and what
+    `evaluate-external` loads without a registry."""
+    folder = params.paths.models / "stacker"
+    # Written outside models/stacker/, which is the stack stage's DVC output; MLflow copies it into the model.
+    meta_path = Path(meta_dir or tempfile.mkdtemp(prefix="ensemble-")) / "ensemble_meta.json"
+    # The serve limits (rows per request, bytes and pixels per image) travel with the version (EnsembleModel).
+    meta_path.write_text(json.dumps({"classes": params.data.classes, "models": params.stack.models,
+                                     **params.serve.model_dump()}) + "\n")
+    artifacts = {name: str(params.paths.models / name / "model.keras") for name in params.stack.models}
+    return artifacts | {"stacker": str(folder / "stacker.pkl"), "meta": str(meta_path)}
+
+
 def log_ensemble(params: Params):
     """Log the pyfunc ensemble in the active run; returns MLflow's ModelInfo."""
     import mlflow
@@ -129,14 +144,7 @@ def log_ensemble(params: Params):
     from components import tracking
     from components.predict import EnsembleModel
 
-    folder = params.paths.models / "stacker"
-    # Written outside models/stacker/, which is the stack stage's DVC output; MLflow copies it into the model.
-    meta_path = Path(tempfile.mkdtemp(prefix="ensemble-")) / "ensemble_meta.json"
-    # The serve limits (rows per request, bytes and pixels per image) travel with the version (EnsembleModel).
-    meta_path.write_text(json.dumps({"classes": params.data.classes, "models": params.stack.models,
-                                     **params.serve.model_dump()}) + "\n")
-    artifacts = {name: str(params.paths.models / name / "model.keras") for name in params.stack.models}
-    artifacts |= {"stacker": str(folder / "stacker.pkl"), "meta": str(meta_path)}
+    artifacts = ensemble_artifacts(params)
     signature = ModelSignature(
         inputs=Schema([ColSpec(DataType.string, IMAGE_COLUMN)]),
         outputs=Schema([ColSpec(DataType.string, "predicted_class")]
