@@ -325,7 +325,8 @@ def bench_serving(args, work: Path) -> dict:
 
     def direct_caller():
         def call(index: int) -> None:  # decoding the base64 text is part of the work, as in the server
-            out = direct_predict(ensemble.models, ensemble.stacker, [base64.b64decode(encoded[index % len(encoded)])])
+            out = direct_predict(ensemble.models, ensemble.stacker, [base64.b64decode(encoded[index % len(encoded)])],
+                                 ensemble.preprocess)
             if out.shape[0] != 1:
                 raise RuntimeError(f"direct path returned {out.shape}")
         return call
@@ -344,7 +345,7 @@ def bench_serving(args, work: Path) -> dict:
                     raise SystemExit(f"the server refused image {index}: HTTP {answer.status_code} {answer.text}")
                 served = [[row[k] for k in sorted(row) if k.startswith("prob_")]
                           for row in answer.json()["predictions"]]
-                direct = direct_predict(ensemble.models, ensemble.stacker, [base64.b64decode(text)])
+                direct = direct_predict(ensemble.models, ensemble.stacker, [base64.b64decode(text)], ensemble.preprocess)
                 np.testing.assert_allclose(served, direct, atol=1e-4)
         memory["after_warmup"] = rss(server.pid)
         levels = []

@@ -41,7 +41,7 @@ def compare(pyfunc, models: dict, stacker, paths: list[str], repeats: int) -> di
     # What a client posts: each image's bytes, base64 (the served model takes no paths).
     frame = pd.DataFrame({"image": [base64.b64encode(Path(p).read_bytes()).decode() for p in paths]})
     served = pyfunc.predict(frame).filter(like="prob_").to_numpy()  # warm up both, and check they agree
-    direct = direct_predict(models, stacker, paths)
+    direct = direct_predict(models, stacker, paths, pyfunc.unwrap_python_model().preprocess)
     np.testing.assert_allclose(served, direct, atol=1e-4)
     ours, raw = [], []
     for _ in range(repeats):
@@ -49,7 +49,7 @@ def compare(pyfunc, models: dict, stacker, paths: list[str], repeats: int) -> di
         pyfunc.predict(frame)
         ours.append(time.perf_counter() - start)
         start = time.perf_counter()
-        direct_predict(models, stacker, paths)
+        direct_predict(models, stacker, paths, pyfunc.unwrap_python_model().preprocess)
         raw.append(time.perf_counter() - start)
     return {"images": len(paths), "pyfunc_seconds": statistics.median(ours),
             "direct_seconds": statistics.median(raw),

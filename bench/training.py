@@ -55,8 +55,8 @@ def bench_pipeline(params, frame, size: int, epochs: int) -> dict:
     # The directory loader does not augment, so the ratio compares like with like: augmentation off.
     plain = model_params.model_copy(update={"augmentation": model_params.augmentation.model_copy(
         update={"flip": False, "rotation": 0.0, "zoom": 0.0, "contrast": 0.0})})
-    ours = make_dataset(frame, params.data.classes, plain, params.train, training=True, seed=params.seed)
-    augmented = make_dataset(frame, params.data.classes, model_params, params.train, training=True,
+    ours = make_dataset(frame, params.data, plain, params.train, training=True, seed=params.seed)
+    augmented = make_dataset(frame, params.data, model_params, params.train, training=True,
                              seed=params.seed)
     directory = Path(params.paths.raw) / "Training"
     baseline = keras.utils.image_dataset_from_directory(directory, image_size=(size, size), batch_size=32,
@@ -80,8 +80,8 @@ def bench_training(params, frame, name: str, size: int, repeats: int) -> dict:
     model_params = params.model(name).model_copy(update={"image_size": size})
     model = build_model(name, model_params, params.train, len(params.data.classes))
     model.compile("adam", "sparse_categorical_crossentropy", jit_compile=False)
-    dataset = make_dataset(frame, params.data.classes, model_params, params.train, training=True, seed=params.seed)
-    images = load_images(frame, size)
+    dataset = make_dataset(frame, params.data, model_params, params.train, training=True, seed=params.seed)
+    images = load_images(frame, size, params.data.preprocess)
     labels = frame.label.map({c: i for i, c in enumerate(params.data.classes)}).to_numpy(np.int32)
     batch = model_params.batch_size
     model.fit(images, labels, batch_size=batch, epochs=1, verbose=0)  # trace + warm up both paths

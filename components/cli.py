@@ -126,6 +126,13 @@ def _predict(args, params):
     return None
 
 
+@command("audit")
+def _audit(args, params):
+    from components.audit import run_audit
+
+    return run_audit(params)
+
+
 @command("evaluate-external")
 def _evaluate_external(args, params):
     from components.external import run_external
@@ -234,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", help="image files")
     predict.add_argument("--model-uri", default="models:/brain-tumor-ensemble@champion")
     predict.add_argument("--out", help="write a CSV here instead of printing it")
+    sub.add_parser("audit", help="shortcut audit: acquisition style of every scan, label x style tables, models per "
+                   "style cell (params: audit)")
     external = sub.add_parser("evaluate-external", help="score a labelled folder of another collection with the "
                               "ensemble and every base model, without the Kaggle set's duplicates (params: external)")
     external.add_argument("--source", required=True, help="DIR/<class>/ (Kaggle classes, optionally under "

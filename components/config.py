@@ -43,10 +43,37 @@ class Paths(Section):
     checkpoints: Path
     registered: Path
     evaluation_report: Path
+    style: Path
+    audit_report: Path
+    reference: Path
+
+
+class Preprocess(Section):
+    """The model input from a decoded image (components.images.normalise and fit_to)."""
+    grayscale: bool
+    crop_to_head: bool
+    head_margin: float = Field(ge=0, le=0.5)
+    keep_aspect: bool
+    standardise: bool
+    percentiles: tuple[float, float]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Preprocess:
+        low, high = self.percentiles
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"data.preprocess.percentiles = {list(self.percentiles)}: need 0 <= low < high <= 100")
+        return self
+
+    @classmethod
+    def plain(cls) -> Preprocess:
+        """A plain stretch to the square: what versions registered before data.preprocess existed were fed."""
+        return cls(grayscale=False, crop_to_head=False, head_margin=0, keep_aspect=False, standardise=False,
+                   percentiles=(0, 100))
 
 
 class DataParams(Section):
     classes: list[str]
+    preprocess: Preprocess
 
 
 class ManifestParams(Section):
@@ -68,13 +95,15 @@ class SplitParams(Section):
     near_duplicate_distance: int = Field(ge=0)
     clean_distance: int = Field(ge=0)
     val_fraction: float = Field(gt=0, lt=1)
+    stack_fraction: float = Field(gt=0, lt=1)
     gate_fraction: float = Field(gt=0, lt=1)
 
     @model_validator(mode="after")
     def _holdouts_leave_training(self) -> SplitParams:
-        if self.val_fraction + self.gate_fraction >= 1:
-            raise ValueError(f"split.val_fraction + split.gate_fraction = {self.val_fraction + self.gate_fraction} "
-                             "leaves nothing to train on; their sum must be below 1")
+        total = self.val_fraction + self.stack_fraction + self.gate_fraction
+        if total >= 1:
+            raise ValueError(f"split.val_fraction + split.stack_fraction + split.gate_fraction = {total} leaves "
+                             "nothing to train on; their sum must be below 1")
         return self
 
 
@@ -85,6 +114,12 @@ class TrainParams(Section):
     monitor: str
     early_stopping_patience: int = Field(ge=0)
     lr_schedule: Literal["plateau", "cosine"]
+    warmup_epochs: int = Field(ge=0)
+    optimizer: Literal["adam", "adamw"]
+    weight_decay: float = Field(ge=0)
+    label_smoothing: float = Field(ge=0, lt=1)
+    use_ema: bool
+    ema_momentum: float = Field(gt=0, lt=1)
     plateau_factor: float = Field(gt=0, lt=1)
     plateau_patience: int = Field(ge=0)
     min_learning_rate: float = Field(ge=0)
@@ -102,6 +137,12 @@ class Augmentation(Section):
     rotation: float = Field(ge=0)
     zoom: float = Field(ge=0)
     contrast: float = Field(ge=0)
+    gamma: float = Field(ge=0)
+    invert: float = Field(ge=0, le=1)
+    blur: float = Field(ge=0, le=1)
+    noise: float = Field(ge=0)
+    low_resolution: float = Field(ge=0, le=1)
+    low_resolution_min_scale: float = Field(gt=0, le=1)
 
 
 class ModelParams(Section):
@@ -129,6 +170,7 @@ class StackParams(Section):
     metric: str
     estimators: list[str] = Field(min_length=1)
     folds: int = Field(ge=2)
+    calibration: Literal["temperature", "none"]
 
 
 class EvaluateParams(Section):
@@ -184,11 +226,41 @@ class ReportParams(Section):
     tolerance: float = Field(ge=0, le=1)
 
 
+class AuditParams(Section):
+    hand_labels: Path
+    min_hand_labels: int = Field(ge=2)
+    regularisation: float = Field(gt=0)
+    t2_ratio: float = Field(gt=0)
+    folds: int = Field(ge=2)
+    tumor_threshold: float = Field(gt=0, lt=1)
+    interval_below: int = Field(ge=0)
+    confidence: float = Field(gt=0, lt=1)
+
+
 class ExternalParams(Section):
     out_dir: Path
     tumor_threshold: float = Field(gt=0, lt=1)
     interval_below: int = Field(ge=0)
     confidence: float = Field(gt=0, lt=1)
+
+
+class MonitorParams(Section):
+    """Drift monitoring of incoming batches (components.monitor) and the reference profile it compares them with
+    (components.reference)."""
+    embedding_model: str
+    ood_neighbours: int = Field(ge=1)
+    ood_percentile: float = Field(gt=0, le=100)
+    out_dir: Path
+    min_scans: int = Field(ge=4)
+    embedding_drift_threshold: float = Field(ge=0.5, le=1)
+    style_drift_share: float = Field(gt=0, le=1)
+    class_mix_max_distance: float = Field(ge=0, le=1)
+    class_mix_alpha: float = Field(gt=0, lt=1)
+    max_ood_share: float = Field(ge=0, le=1)
+    after_batch_predict: bool
+    retrain_on_drift: bool
+    retrain_on_new_data: bool
+    event: str = Field(min_length=1)
 
 
 class TrackingParams(Section):
@@ -245,6 +317,7 @@ class Params(Section):
     models: dict[str, ModelParams]
     stack: StackParams
     evaluate: EvaluateParams
+    audit: AuditParams
     register_: RegisterParams = Field(alias="register")
     promote: PromoteParams
     serve: ServeParams
@@ -254,6 +327,7 @@ class Params(Section):
     report: ReportParams
     services: ServicesParams
     external: ExternalParams
+    monitor: MonitorParams
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     # `validate` and `register` are pydantic/ABC attribute names, so those sections are stored with a suffix.

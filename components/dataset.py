@@ -1,5 +1,10 @@
-"""tf.data input pipeline from the split CSVs: decode and resize once, cache, then shuffle, augment, batch and
-prefetch on the fly. Decoding goes through components.images, the same code the served ensemble uses."""
+"""tf.data input pipeline from the split CSVs: decode and prepare once (components.images: grayscale, head crop,
+per-image standardisation, aspect-preserving resize; the same code the served ensemble runs), cache, then shuffle,
+augment, batch and prefetch on the fly.
+
+Augmentation has two parts. Geometry (flip, rotation, zoom) and contrast come from Keras layers. The rest breaks
+the MRI sequence and source cues the models otherwise learn (docs/audit.md): random gamma (an intensity remapping),
+inversion (a T1-like scan with bright fluid looks T2-like), blur, noise and a lower resolution."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from components.config import Augmentation, ModelParams, TrainParams
+from components.config import Augmentation, DataParams, ModelParams, Preprocess, TrainParams
 from components.images import load_rgb
 
 
@@ -29,6 +34,41 @@ def label_indices(frame: pd.DataFrame, classes: list[str]) -> np.ndarray:
     return frame.label.map({c: i for i, c in enumerate(classes)}).to_numpy(np.int32)
 
 
+class RandomGamma(keras.layers.Layer):
+    """x -> 255 (x / 255) ** gamma per image, log(gamma) uniform in [-max_log_gamma, max_log_gamma]: remaps the
+    intensities monotonically, so tissue contrast changes while anatomy stays. (Keras has no gamma layer.)"""
+
+    def __init__(self, max_log_gamma: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.max_log_gamma, self.generator = max_log_gamma, keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        log_gamma = keras.random.uniform((keras.ops.shape(images)[0], 1, 1, 1), -self.max_log_gamma,
+                                         self.max_log_gamma, seed=self.generator)
+        return 255.0 * keras.ops.power(keras.ops.clip(images / 255.0, 0.0, 1.0), keras.ops.exp(log_gamma))
+
+
+class RandomLowResolution(keras.layers.Layer):
+    """With probability `rate`, a batch goes down to `min_scale` to 1 times its side and back (bilinear): the
+    detail of a coarser scanner or a re-encoded copy. One draw per batch keeps it a single resize op."""
+
+    def __init__(self, rate: float, min_scale: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate, self.min_scale, self.generator = rate, min_scale, keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=True):
+        if not training:
+            return images
+        draw = keras.random.uniform((2,), seed=self.generator)
+        side = keras.ops.shape(images)[1]
+        low = keras.ops.maximum(keras.ops.cast(keras.ops.cast(side, "float32") * (
+            self.min_scale + (1.0 - self.min_scale) * draw[1]), "int32"), 4)
+        coarse = tf.image.resize(tf.image.resize(images, (low, low)), (side, side))
+        return tf.where(draw[0] < self.rate, coarse, images)
+
+
 def augmenter(augmentation: Augmentation, seed: int) -> keras.Sequential:
     layers = []
     if augmentation.flip:
@@ -39,19 +79,34 @@ def augmenter(augmentation: Augmentation, seed: int) -> keras.Sequential:
         layers.append(keras.layers.RandomZoom(augmentation.zoom, fill_mode="constant", seed=seed))
     if augmentation.contrast:
         layers.append(keras.layers.RandomContrast(augmentation.contrast, seed=seed))
+    if augmentation.gamma:
+        layers.append(RandomGamma(augmentation.gamma, seed=seed))
+    if augmentation.invert:
+        layers.append(keras.layers.RandomInvert(augmentation.invert, value_range=(0, 255), seed=seed))
+    if augmentation.blur:
+        layers.append(keras.layers.RandomGaussianBlur(augmentation.blur, kernel_size=5, sigma=(0.1, 1.5),
+                                                      value_range=(0, 255), seed=seed))
+    if augmentation.noise:
+        layers.append(keras.layers.GaussianNoise(augmentation.noise, seed=seed))
+    if augmentation.low_resolution:
+        layers.append(RandomLowResolution(augmentation.low_resolution, augmentation.low_resolution_min_scale,
+                                          seed=seed))
+    if augmentation.noise or augmentation.contrast or augmentation.blur:
+        layers.append(keras.layers.Lambda(lambda x: keras.ops.clip(x, 0.0, 255.0), name="clip_to_pixel_range"))
     return keras.Sequential(layers, name="augmentation")
 
 
-def make_dataset(frame: pd.DataFrame, classes: list[str], model: ModelParams, train: TrainParams, *,
+def make_dataset(frame: pd.DataFrame, data: DataParams, model: ModelParams, train: TrainParams, *,
                  training: bool, seed: int, cache_dir: Path | None = None, batch_size: int | None = None
                  ) -> tf.data.Dataset:
     """(images float32 0-255, label index) batches. Shuffled and augmented only when `training`."""
     size = model.image_size
     paths = frame.path.astype(str).to_numpy()
-    labels = label_indices(frame, classes)
+    labels = label_indices(frame, data.classes)
 
     def decode(path):
-        return load_rgb(path.decode() if isinstance(path, bytes) else str(path), size).astype(np.float32)
+        path = path.decode() if isinstance(path, bytes) else str(path)
+        return load_rgb(path, size, data.preprocess).astype(np.float32)
 
     def load(path, label):
         image = tf.numpy_function(decode, [path], tf.float32, stateful=False)
@@ -69,7 +124,8 @@ def make_dataset(frame: pd.DataFrame, classes: list[str], model: ModelParams, tr
         if cache_dir is None:
             raise ValueError("train.cache: disk needs a cache directory")
         cache_dir.mkdir(parents=True, exist_ok=True)
-        key = hashlib.sha1("\n".join(paths).encode()).hexdigest()[:12]  # one cache file per distinct frame
+        # One cache file per distinct frame and decode path: a cache made with other preprocessing is never read.
+        key = hashlib.sha1("\n".join([*paths, data.preprocess.model_dump_json()]).encode()).hexdigest()[:12]
         dataset = dataset.cache(str(cache_dir / f"{key}-{size}"))
     if training:
         dataset = dataset.shuffle(min(train.shuffle_buffer, len(frame)), seed=seed, reshuffle_each_iteration=True)
@@ -80,6 +136,6 @@ def make_dataset(frame: pd.DataFrame, classes: list[str], model: ModelParams, tr
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def load_images(frame: pd.DataFrame, size: int) -> np.ndarray:
+def load_images(frame: pd.DataFrame, size: int, preprocess: Preprocess) -> np.ndarray:
     """All images of a frame as one (n, size, size, 3) float32 array (for Grad-CAM and in-memory baselines)."""
-    return np.stack([load_rgb(p, size) for p in frame.path]).astype(np.float32)
+    return np.stack([load_rgb(p, size, preprocess) for p in frame.path]).astype(np.float32)

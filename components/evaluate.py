@@ -140,8 +140,8 @@ def run_evaluate(params: Params) -> dict:
 
         report = ["# Evaluation", "",
                   f"Test sets: official ({len(frames[STACK])} images) and clean ({int(frames[STACK].clean.sum())} "
-                  "images with no near duplicate in official Training). The stack's meta-learner was fitted on val "
-                  "predictions only.", markdown_table(results, classes), "## Confusion matrices (official test)", ""]
+                  "images with no near duplicate in official Training). The stack's meta-learner was fitted on the "
+                  "`stack` split's predictions only, rows no base model was selected on.", markdown_table(results, classes), "## Confusion matrices (official test)", ""]
         report += [f"![{n}]({link(reports / f'confusion_{n}.png')})" for n in frames]
         report += ["", "## ROC curves", ""] + [f"![{n}]({link(reports / f'roc_{n}.png')})" for n in frames]
         report += ["", "## Reliability", "", f"Top-label confidence in {bins} equal-width bins, the bins of the ECE "

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from components.config import DataParams
 from components.images import load_rgb
 
 

@@ -21,9 +21,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, recall_score, roc_auc_score
 
+from components import metrics
 from components.config import ExternalParams, Params, ProjectError
 from components.manifest import scan_folder
 from components.metrics import NO_TUMOR, basic_metrics
@@ -210,13 +210,8 @@ def not_available(why: str) -> dict:
 
 
 def proportion(value: float, k: int, n: int, external: ExternalParams) -> dict:
-    """A proportion k/n (`value`, from scikit-learn) with its count, and a Wilson interval when n is below
-    external.interval_below."""
-    figure = {"value": float(value), "k": int(k), "n": int(n)}
-    if n < external.interval_below:
-        interval = binomtest(int(k), int(n)).proportion_ci(confidence_level=external.confidence, method="wilson")
-        figure |= {"ci_low": float(interval.low), "ci_high": float(interval.high), "confidence": external.confidence}
-    return figure
+    """metrics.proportion with the interval rule of params external."""
+    return metrics.proportion(value, k, n, external.interval_below, external.confidence)
 
 
 def tumor_metrics(tumor: np.ndarray, tumor_score: np.ndarray, external: ExternalParams) -> dict[str, dict]:

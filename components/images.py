@@ -1,7 +1,14 @@
-"""Image decoding shared by the manifest, the training pipeline and the served ensemble.
+"""Image decoding shared by the manifest, the training pipeline, evaluation, Grad-CAM and the served ensemble.
 
 Every consumer decodes through `to_rgb`, so a 16-bit PNG or a CMYK JPEG is normalised the same way at
-training time and at serving time.
+training time and at serving time; then `normalise` (params data.preprocess: grayscale, crop to the head, per-image
+intensity standardisation) and `fit_to` (aspect-preserving resize) make the model input. `load_rgb` is those steps
+for a file, and the served ensemble calls the same two functions on request bytes, so both feed identical pixels
+(tests/components/test_serving.py pins this).
+
+Why: the scans of one class in this data set come mostly from one collection, framed and exposed its own way; a
+model fed raw pixels learns the framing and the exposure (docs/audit.md). Cropping to the head and standardising
+the head's intensities take those cues away before the model sees the image.
 """
 
 from __future__ import annotations
@@ -10,7 +17,10 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+from scipy import ndimage
+
+from components.config import Preprocess
 
 # Modes that need no conversion besides grayscale -> 3 channels; anything else counts as "normalised".
 PLAIN_MODES = ("L", "RGB")
@@ -61,9 +71,65 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(source: str | Path | bytes, size: int, max_pixels: int = 50_000_000) -> np.ndarray:
-    """Decode, normalise and resize one image to a (size, size, 3) uint8 array."""
-    image = to_rgb(open_image(source, max_pixels))
-    if image.size != (size, size):
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of values in 0..1 (256 bins): the cut that maximises the between-class variance.
+    (scikit-image has it, but is not otherwise a dependency; this is its textbook form.)"""
+    counts, _ = np.histogram(values, bins=256, range=(0.0, 1.0))
+    share = counts / max(counts.sum(), 1)
+    below = np.cumsum(share)
+    mean_below = np.cumsum(share * np.arange(256))
+    between = (mean_below[-1] * below - mean_below) ** 2 / (below * (1.0 - below) + 1e-12)
+    return float(np.argmax(between)) / 255.0
+
+
+def head_mask(gray: np.ndarray) -> np.ndarray:
+    """The head: pixels above half the Otsu threshold, holes filled, largest connected component (gray in 0..1).
+    Half the threshold keeps the dark parts of the head (a T1 scan's ventricles) inside it. Empty for a blank
+    image."""
+    if gray.max() <= gray.min():
+        return np.zeros(gray.shape, dtype=bool)
+    mask = ndimage.binary_fill_holes(gray > 0.5 * otsu_threshold(gray))
+    components, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    return components == (np.bincount(components.ravel())[1:].argmax() + 1)
+
+
+def normalise(image: Image.Image, preprocess: Preprocess) -> Image.Image:
+    """The size-independent part of the model input, from a `to_rgb` image: grayscale, crop to the head (with
+    `head_margin`), and the head's `percentiles` stretched to 0..255. Returns an RGB image."""
+    if preprocess.grayscale:
+        image = image.convert("L")
+    if not (preprocess.crop_to_head or preprocess.standardise):
+        return image.convert("RGB")
+    array = np.asarray(image, dtype=np.float32)
+    gray = (array if array.ndim == 2 else array.mean(axis=2)) / 255.0
+    mask = head_mask(gray)
+    if mask.any() and preprocess.crop_to_head:
+        rows, cols = np.nonzero(mask)
+        margin = int(round(preprocess.head_margin * max(rows.max() - rows.min(), cols.max() - cols.min())))
+        top, bottom = max(rows.min() - margin, 0), min(rows.max() + margin + 1, gray.shape[0])
+        left, right = max(cols.min() - margin, 0), min(cols.max() + margin + 1, gray.shape[1])
+        array, mask = array[top:bottom, left:right], mask[top:bottom, left:right]
+    if preprocess.standardise:
+        head = array[mask] if mask.any() else array.reshape(-1, *array.shape[2:])
+        low, high = np.percentile(head, preprocess.percentiles)  # per channel collapses to one pair: same bounds
+        scale = 255.0 / (high - low) if high > low else 0.0
+        array = np.clip((array - low) * scale, 0, 255)
+    return Image.fromarray(np.round(array).astype(np.uint8)).convert("RGB")
+
+
+def fit_to(image: Image.Image, size: int, keep_aspect: bool) -> np.ndarray:
+    """A (size, size, 3) uint8 array: the image padded with black to a centred square, then resized
+    (`keep_aspect`), or stretched to the square."""
+    if keep_aspect and image.width != image.height:
+        image = ImageOps.pad(image, (size, size), method=Image.Resampling.BILINEAR, color=(0, 0, 0))
+    elif image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
+
+
+def load_rgb(source: str | Path | bytes, size: int, preprocess: Preprocess,
+             max_pixels: int = 50_000_000) -> np.ndarray:
+    """Decode one image and make it the model input: a (size, size, 3) uint8 array (see the module docstring)."""
+    return fit_to(normalise(to_rgb(open_image(source, max_pixels)), preprocess), size, preprocess.keep_aspect)

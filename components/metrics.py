@@ -27,6 +27,18 @@ from sklearn.metrics import (  # noqa: E402
 NO_TUMOR = "notumor"
 
 
+def proportion(value: float, k: int, n: int, interval_below: int, confidence: float) -> dict:
+    """A proportion k/n (`value`, from scikit-learn where it has it) with its count, and a Wilson interval when
+    it rests on fewer than `interval_below` cases (scipy's binomtest)."""
+    from scipy.stats import binomtest
+
+    figure = {"value": float(value), "k": int(k), "n": int(n)}
+    if 0 < n < interval_below:
+        interval = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+        figure |= {"ci_low": float(interval.low), "ci_high": float(interval.high), "confidence": confidence}
+    return figure
+
+
 def probability_columns(classes: list[str]) -> list[str]:
     return [f"prob_{c}" for c in classes]
 

@@ -86,7 +86,7 @@ def _custom_cnn(params: ModelParams, x: keras.KerasTensor) -> keras.KerasTensor:
             x = keras.layers.BatchNormalization(momentum=params.bn_momentum)(x)
             x = keras.layers.Activation("relu")(x)
         x = keras.layers.MaxPooling2D()(x)
-    return keras.layers.GlobalAveragePooling2D()(x)
+    return keras.layers.GlobalAveragePooling2D(name="pool")(x)  # named as the backbones' pool: embeddings, Grad-CAM
 
 
 def build_model(name: str, params: ModelParams, train: TrainParams, num_classes: int) -> keras.Model:

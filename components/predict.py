@@ -25,8 +25,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from PIL import Image
 
-from components.config import ProjectError
-from components.images import ImageError, open_image, to_rgb
+from components.config import Preprocess, ProjectError
+from components.images import ImageError, fit_to, normalise, open_image, to_rgb
 
 IMAGE_COLUMN = "image"
 DEFAULT_MODEL_URI = "models:/brain-tumor-ensemble@champion"
@@ -103,29 +103,29 @@ def image_bytes(value, limits: Limits) -> bytes:
     return blob
 
 
-def decode_rows(values: pd.Series, limits: Limits, sizes: set[int]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+def decode_rows(values: pd.Series, limits: Limits, sizes: set[int], preprocess: Preprocess
+                ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """({size: float32 batch of every row at that size}, {row: why it cannot be scored}).
 
-    Each row is checked and fully decoded once, before any model runs, then resized to every size at once, so at
-    most one full-size image is in memory."""
+    Each row is checked and fully decoded once, before any model runs, normalised once (grayscale, head crop,
+    standardisation), then fitted to every size at once, so at most one full-size image is in memory."""
     resized: dict[int, list[np.ndarray]] = {size: [] for size in sizes}
     errors = {}
     for row, value in enumerate(values):
         try:
-            image = to_rgb(open_image(image_bytes(value, limits), limits.max_image_pixels))
+            image = normalise(to_rgb(open_image(image_bytes(value, limits), limits.max_image_pixels)), preprocess)
         except ImageError as exc:
             errors[row] = str(exc)
             continue
         for size, batches in resized.items():
-            batches.append(batch_at([image], size))
+            batches.append(batch_at([image], size, preprocess))
     return {size: np.concatenate(batches) for size, batches in resized.items() if batches}, errors
 
 
-def batch_at(images: list[Image.Image], size: int) -> np.ndarray:
-    """Images decoded once, resized as `components.images.load_rgb` resizes for training (a test pins this)."""
-    resized = [image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BILINEAR)
-               for image in images]
-    return np.stack([np.asarray(image, dtype=np.uint8) for image in resized]).astype(np.float32)
+def batch_at(images: list[Image.Image], size: int, preprocess: Preprocess) -> np.ndarray:
+    """Normalised images fitted to `size` as `components.images.load_rgb` fits them for training (a test pins
+    this)."""
+    return np.stack([fit_to(image, size, preprocess.keep_aspect) for image in images]).astype(np.float32)
 
 
 class EnsembleModel(mlflow.pyfunc.PythonModel):
@@ -145,6 +145,8 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         # Versions registered before the serve limits existed carry only max_image_pixels: no row or byte limit.
         self.limits = Limits(meta.get("max_rows", sys.maxsize), meta.get("max_image_bytes", sys.maxsize),
                              meta["max_image_pixels"], image_root_from_env())
+        # Versions registered before data.preprocess existed were trained on plainly resized images.
+        self.preprocess = Preprocess(**meta["preprocess"]) if "preprocess" in meta else Preprocess.plain()
         self.models = {name: keras.models.load_model(context.artifacts[name]) for name in meta["models"]}
         self.stacker = Stacker.load(Path(context.artifacts["stacker"]))
 
@@ -179,7 +181,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         if not 0 < rows <= self.limits.max_rows:
             raise BadInput(f"a request holds 1 to {self.limits.max_rows} rows; got {rows}")
         batches, errors = decode_rows(model_input[IMAGE_COLUMN], self.limits,
-                                      {model.input_shape[1] for model in self.models.values()})
+                                      {model.input_shape[1] for model in self.models.values()}, self.preprocess)
         if errors:
             raise BadInput(f"{len(errors)} of {rows} rows cannot be scored: "
                            + "; ".join(f"row {row}: {why}" for row, why in errors.items()), errors)

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from components.config import Params, ProjectError, PromoteParams
+from components.config import DataParams, Params, ProjectError, PromoteParams
 from components.metrics import full_metrics
 from components.register import ENSEMBLE, registered_name
 
@@ -108,9 +108,11 @@ def gate(challenger: dict[str, float], classes: list[str], rules: PromoteParams,
     return Decision(promote=not failed, reasons=failed or passed, test=test)
 
 
-def score_version(model_uri: str, ensemble: bool, frame: pd.DataFrame, classes: list[str], bins: int
+def score_version(model_uri: str, ensemble: bool, frame: pd.DataFrame, data: DataParams, bins: int
                   ) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics of one registered version on `frame` (the gate split), and whether each image was right."""
+    """Metrics of one registered version on `frame` (the gate split), and whether each image was right. A base
+    model is fed images prepared by today's data.preprocess; the ensemble carries its own in its version."""
+    classes = data.classes
     if ensemble:
         from components.predict import predict_paths
 
@@ -121,7 +123,7 @@ def score_version(model_uri: str, ensemble: bool, frame: pd.DataFrame, classes: 
         from components.dataset import load_images
 
         model = mlflow.keras.load_model(model_uri)
-        probabilities = model.predict(load_images(frame, model.input_shape[1]), verbose=0)
+        probabilities = model.predict(load_images(frame, model.input_shape[1], data.preprocess), verbose=0)
     labels = frame.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
     return full_metrics(labels, probabilities, classes, bins=bins), np.asarray(probabilities).argmax(axis=1) == labels
 
@@ -192,12 +194,12 @@ def promote(params: Params, dry_run: bool = False, model: str | None = None) -> 
     ensemble = (model or rules.model) == ENSEMBLE
     bins = params.evaluate.calibration_bins
     challenger_metrics, challenger_correct = score_version(f"models:/{name}/{challenger.version}", ensemble,
-                                                           frame, classes, bins)
+                                                           frame, params.data, bins)
     rows = {f"challenger v{challenger.version}": challenger_metrics}
     test = None
     if champion is not None:
         champion_metrics, champion_correct = score_version(f"models:/{name}/{champion.version}", ensemble, frame,
-                                                           classes, bins)
+                                                           params.data, bins)
         rows[f"champion v{champion.version}"] = champion_metrics
         test = mcnemar(challenger_correct, champion_correct)
     decision = gate(challenger_metrics, classes, rules, test)

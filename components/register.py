@@ -129,7 +129,9 @@ def ensemble_artifacts(params: Params, meta_dir: Path | None = None) -> dict[str
     # Written outside models/stacker/, which is the stack stage's DVC output; MLflow copies it into the model.
     meta_path = Path(meta_dir or tempfile.mkdtemp(prefix="ensemble-")) / "ensemble_meta.json"
     # The serve limits (rows per request, bytes and pixels per image) travel with the version (EnsembleModel).
+    # So does the decode path the models were trained on (data.preprocess).
     meta_path.write_text(json.dumps({"classes": params.data.classes, "models": params.stack.models,
+                                     "preprocess": params.data.preprocess.model_dump(mode="json"),
                                      **params.serve.model_dump()}) + "\n")
     artifacts = {name: str(params.paths.models / name / "model.keras") for name in params.stack.models}
     return artifacts | {"stacker": str(folder / "stacker.pkl"), "meta": str(meta_path)}

@@ -1,6 +1,8 @@
 """Leakage-free splits: official Testing stays `test`; train, val and gate come from what is left of Training once
 every exact or near duplicate of a test image is dropped; duplicate groups never straddle train, val and gate.
 
+`stack` is held out for the meta-learner alone (components.stack): the base models' early stopping and schedules
+chose on `val`, so their val predictions are optimistic; the stacker is fitted on rows no base-model choice saw.
 `gate` is held out for the promotion gate alone (components.promote): no training, early stopping, stacking or
 report reads it, so the gate compares registered versions on images none of them was selected on."""
 
@@ -18,7 +20,7 @@ from components.config import Paths, SplitParams
 from components.validate import check_split_leakage
 
 SPLIT_COLUMNS = ["path", "label", "content_hash", "dhash", "group"]
-HOLDOUTS = ("val", "gate")  # carved from the de-duplicated training pool, in this order; the rest is train
+HOLDOUTS = ("val", "stack", "gate")  # carved from the de-duplicated training pool, in this order; the rest is train
 
 
 def hash_bits(hashes: pd.Series) -> np.ndarray:
@@ -99,7 +101,8 @@ def make_splits(manifest: pd.DataFrame, quarantine: pd.DataFrame, raw_dir: Path,
 
     kept = pool[~(exact | near)].reset_index(drop=True)
     kept["group"] = duplicate_groups(pool_bits[~(exact | near)], params.near_duplicate_distance)
-    assigned = carve(kept.label, kept.group, {"val": params.val_fraction, "gate": params.gate_fraction}, seed)
+    assigned = carve(kept.label, kept.group, {"val": params.val_fraction, "stack": params.stack_fraction,
+                                              "gate": params.gate_fraction}, seed)
 
     # Judged against the whole official Training pool: a test image whose twin we removed is not clean either.
     test["group"] = -1

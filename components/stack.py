@@ -1,7 +1,12 @@
 """Stack the base models with a FLAML-searched meta-learner (`braintumor stack`).
 
-Leakage rule: the meta-learner is fitted on val predictions only (FLAML cross-validates within val); test
-predictions are only scored after the fit.
+Leakage rules: the meta-learner is fitted on the `stack` split's predictions only (FLAML cross-validates within
+it). That split is held out from training like val, but no base model's early stopping or schedule chose on it,
+so its predictions are as honest as test's. Test predictions are only scored after the fit.
+
+Calibration: with stack.calibration = temperature, one temperature is fitted on out-of-fold predictions of the
+chosen meta-learner (its configuration refitted on stack.folds folds of the stack split), and divides the log
+probabilities of every later prediction. Tree meta-learners otherwise give coarse leaf fractions.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from components.config import Params, StackParams
 from components.metrics import basic_metrics, probability_columns, scores, split_metrics
 
 SOFT_VOTE, STACK = "soft_vote", "stack"
+FIT_SPLIT = "stack"  # the split the meta-learner and its temperature are fitted on
 
 
 def load_predictions(params: Params, split: str, models: list[str]) -> dict[str, pd.DataFrame]:
@@ -56,6 +62,7 @@ class Stacker:
     models: list[str]
     classes: list[str]
     stack: StackParams
+    temperature: float = 1.0
 
     def predict_proba(self, probabilities: dict[str, np.ndarray]) -> np.ndarray:
         features = stack_features({name: probabilities[name] for name in self.models}, self.stack)
@@ -63,7 +70,7 @@ class Stacker:
         # FLAML reports probabilities over the labels it saw; put them back in class order.
         out = np.zeros((len(features), len(self.classes)))
         out[:, list(self.automl.classes_)] = raw
-        return out
+        return with_temperature(out, self.temperature)
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
@@ -77,17 +84,59 @@ class Stacker:
             return pickle.load(handle)
 
 
-def fit_stacker(val: dict[str, pd.DataFrame], classes: list[str], stack: StackParams, seed: int,
+def with_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): T > 1 softens, T < 1 sharpens, T = 1 leaves p as it is."""
+    if temperature == 1.0:
+        return probabilities
+    logits = np.log(np.clip(probabilities, 1e-12, 1.0)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(labels: np.ndarray, probabilities: np.ndarray, num_classes: int) -> float:
+    """The temperature that minimises the log loss of `probabilities` (scipy's bounded scalar search on log T)."""
+    from scipy.optimize import minimize_scalar
+    from sklearn.metrics import log_loss
+
+    def loss(log_t: float) -> float:
+        return log_loss(labels, with_temperature(probabilities, float(np.exp(log_t))), labels=range(num_classes))
+
+    return float(np.exp(minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
+
+
+def out_of_fold(automl, features: pd.DataFrame, labels: np.ndarray, folds: int, seed: int,
+                num_classes: int) -> np.ndarray:
+    """Out-of-fold class probabilities of the chosen meta-learner's configuration (scikit-learn's
+    cross_val_predict on a clone of FLAML's fitted estimator)."""
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    cv = StratifiedKFold(n_splits=min(folds, int(np.bincount(labels).min())), shuffle=True, random_state=seed)
+    raw = cross_val_predict(clone(automl.model.estimator), automl.model._preprocess(features), labels, cv=cv,
+                            method="predict_proba")
+    out = np.zeros((len(labels), num_classes))
+    out[:, np.unique(labels)] = raw
+    return out
+
+
+def fit_stacker(fit_rows: dict[str, pd.DataFrame], classes: list[str], stack: StackParams, seed: int,
                 log_file: Path | None = None) -> Stacker:
+    """FLAML's meta-learner on `fit_rows` (each base model's predictions for the stack split), then its
+    temperature (stack.calibration)."""
     from flaml import AutoML
 
-    labels, _ = scores(next(iter(val.values())), classes)
-    features = stack_features({name: scores(frame, classes)[1] for name, frame in val.items()}, stack)
+    labels, _ = scores(next(iter(fit_rows.values())), classes)
+    features = stack_features({name: scores(frame, classes)[1] for name, frame in fit_rows.items()}, stack)
     automl = AutoML()
     automl.fit(features, labels, task="classification", time_budget=stack.time_budget, metric=stack.metric,
                estimator_list=list(stack.estimators), eval_method="cv", n_splits=stack.folds, seed=seed,
                log_file_name=str(log_file) if log_file else "", mlflow_logging=False, verbose=0)
-    return Stacker(automl, list(val), classes, stack)
+    temperature = 1.0
+    if stack.calibration == "temperature":
+        temperature = fit_temperature(labels, out_of_fold(automl, features, labels, stack.folds, seed,
+                                                          len(classes)), len(classes))
+    return Stacker(automl, list(fit_rows), classes, stack, temperature)
 
 
 def soft_vote(probabilities: dict[str, np.ndarray]) -> np.ndarray:
@@ -106,7 +155,8 @@ def ensemble_predictions(stacker: Stacker, frames: dict[str, pd.DataFrame], clas
 
 
 def run_stack(params: Params) -> dict:
-    """Fit on val, score test, write models/stacker/, predictions/{soft_vote,stack}/ and metrics/ensemble.json."""
+    """Fit on the stack split, score val and test, write models/stacker/, predictions/{soft_vote,stack}/ and
+    metrics/ensemble.json."""
     import mlflow
 
     from components import tracking
@@ -114,10 +164,11 @@ def run_stack(params: Params) -> dict:
     classes, stack = params.data.classes, params.stack
     out = params.paths.models / "stacker"
     out.mkdir(parents=True, exist_ok=True)
+    fit_rows = load_predictions(params, FIT_SPLIT, stack.models)
     val = load_predictions(params, "val", stack.models)
     test = load_predictions(params, "test", stack.models)
     with tracking.stage_run(params, "stack", "stack") as run:
-        stacker = fit_stacker(val, classes, stack, params.seed, out / "flaml_search.log")
+        stacker = fit_stacker(fit_rows, classes, stack, params.seed, out / "flaml_search.log")
         stacker.save(out)
         table = {}
         for name in stack.models:
@@ -131,13 +182,15 @@ def run_stack(params: Params) -> dict:
                 frame.to_parquet(folder / f"{split}.parquet", index=False)
                 if split == "test":
                     table[name].update(split_metrics({"test": frame}, classes))
-        # Val metrics of the stack would be in-sample; FLAML's cross-validated score is the honest one.
-        table[STACK]["val_cv"] = {f"best_{stack.metric}_loss": float(stacker.automl.best_loss),
-                                  "best_estimator": stacker.automl.best_estimator}
-        table[SOFT_VOTE]["val"] = basic_metrics(
-            *scores(ensemble_predictions(stacker, val, classes)[SOFT_VOTE], classes), classes)
-        summary = {"models": stack.models, "fit_rows": len(next(iter(val.values()))),
-                   "fit_paths_sha": _paths_digest(next(iter(val.values())).path),
+        # The stack split's own score would be in-sample; FLAML's cross-validated score is the honest one.
+        table[STACK]["stack_cv"] = {f"best_{stack.metric}_loss": float(stacker.automl.best_loss),
+                                    "best_estimator": stacker.automl.best_estimator,
+                                    "temperature": stacker.temperature}
+        for name, frame in ensemble_predictions(stacker, val, classes).items():
+            table[name]["val"] = basic_metrics(*scores(frame, classes), classes)
+        summary = {"models": stack.models, "fit_split": FIT_SPLIT, "fit_rows": len(next(iter(fit_rows.values()))),
+                   "fit_paths_sha": _paths_digest(next(iter(fit_rows.values())).path),
+                   "temperature": stacker.temperature,
                    "best_estimator": stacker.automl.best_estimator,
                    "best_config": stacker.automl.best_config, "table": table}
         (out / "meta.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -146,7 +199,8 @@ def run_stack(params: Params) -> dict:
         mlflow.log_params({"stack.models": ",".join(stack.models), "stack.metric": stack.metric,
                            "stack.time_budget": stack.time_budget, "stack.folds": stack.folds,
                            "stack.estimators": ",".join(stack.estimators), "best_estimator":
-                           stacker.automl.best_estimator})
+                           stacker.automl.best_estimator, "stack.calibration": stack.calibration,
+                           "temperature": stacker.temperature})
         mlflow.log_metrics({f"{name}.{split}.{key}": value for name, splits in table.items()
                             for split, values in splits.items() for key, value in values.items()
                             if isinstance(value, float)})

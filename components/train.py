@@ -1,6 +1,6 @@
 """Train one CNN (`braintumor train --model NAME`): one process, one model, one MLflow run.
 
-Writes models/NAME/model.keras, predictions/NAME/{val,test}.parquet, metrics/NAME.json and plots/NAME/.
+Writes models/NAME/model.keras, predictions/NAME/{val,stack,test}.parquet, metrics/NAME.json and plots/NAME/.
 A killed training resumes from its last finished epoch (Keras BackupAndRestore) when run again with the same
 params; changed params start over.
 """
@@ -21,6 +21,9 @@ from components.config import ModelParams, Params
 from components.metrics import plot_confusion, plot_history, probability_columns, scores, split_metrics
 
 log = logging.getLogger(__name__)
+
+# Splits every training predicts: val (what it was selected on), stack (the meta-learner's rows) and test.
+PREDICTED_SPLITS = ("val", "stack", "test")
 
 
 @dataclass
@@ -88,13 +91,26 @@ def _callbacks(params: Params, model_params: ModelParams, outputs: Outputs, phas
     return callbacks
 
 
-def _optimizer(params: Params, learning_rate: float, steps: int):
+def _optimizer(params: Params, learning_rate: float, steps: int, steps_per_epoch: int):
+    """Adam or AdamW at `learning_rate`; with the cosine schedule, a linear warmup from a tenth of it over
+    train.warmup_epochs, then cosine decay to train.min_learning_rate over the rest of the phase's `steps`. With
+    train.use_ema the EMA weights overwrite the model's once per epoch, so validation, early stopping and the
+    saved model all see the averaged weights."""
     import keras
 
-    if params.train.lr_schedule == "cosine":
-        learning_rate = keras.optimizers.schedules.CosineDecay(
-            learning_rate, decay_steps=max(steps, 1), alpha=params.train.min_learning_rate / learning_rate)
-    return keras.optimizers.Adam(learning_rate)
+    train = params.train
+    schedule = learning_rate
+    if train.lr_schedule == "cosine":
+        warmup = min(train.warmup_epochs * steps_per_epoch, max(steps - 1, 0))
+        schedule = keras.optimizers.schedules.CosineDecay(
+            learning_rate / 10 if warmup else learning_rate, decay_steps=max(steps - warmup, 1),
+            alpha=train.min_learning_rate / learning_rate, warmup_target=learning_rate if warmup else None,
+            warmup_steps=warmup)
+    ema = {"use_ema": train.use_ema, "ema_momentum": train.ema_momentum,
+           "ema_overwrite_frequency": steps_per_epoch if train.use_ema else None}
+    if train.optimizer == "adamw":
+        return keras.optimizers.AdamW(schedule, weight_decay=train.weight_decay, **ema)
+    return keras.optimizers.Adam(schedule, **ema)
 
 
 def _phases(model_params: ModelParams) -> list[tuple[str, int, int, float]]:
@@ -115,7 +131,7 @@ def predict_frame(model, frame: pd.DataFrame, params: Params, model_params: Mode
                   cache_dir: Path) -> pd.DataFrame:
     from components.dataset import make_dataset
 
-    dataset = make_dataset(frame, params.data.classes, model_params, params.train, training=False,
+    dataset = make_dataset(frame, params.data, model_params, params.train, training=False,
                            seed=params.seed, cache_dir=cache_dir)
     probabilities = model.predict(dataset, verbose=0)
     keep = [c for c in ("path", "label", "clean") if c in frame]
@@ -126,6 +142,7 @@ def predict_frame(model, frame: pd.DataFrame, params: Params, model_params: Mode
 def train_model(name: str, params: Params) -> TrainResult:
     import keras
     import mlflow
+    import tensorflow as tf
     from sklearn.utils.class_weight import compute_class_weight
 
     from components import tracking
@@ -141,12 +158,14 @@ def train_model(name: str, params: Params) -> TrainResult:
     _prepare_checkpoints(outputs, model_params)
     device = configure_tensorflow(params.train, params.seed)
 
-    frames = {split: read_split(params.paths.splits, split) for split in ("train", "val", "test")}
+    frames = {split: read_split(params.paths.splits, split) for split in ("train", *PREDICTED_SPLITS)}
     cache_dir = outputs.checkpoints / "cache"
-    train_data = make_dataset(frames["train"], classes, model_params, params.train, training=True,
-                              seed=params.seed, cache_dir=cache_dir)
-    val_data = make_dataset(frames["val"], classes, model_params, params.train, training=False, seed=params.seed,
-                            cache_dir=cache_dir)
+    # One-hot targets: label smoothing needs them (Keras's sparse cross-entropy has none).
+    one_hot = lambda images, labels: (images, tf.one_hot(labels, len(classes)))  # noqa: E731
+    train_data = make_dataset(frames["train"], params.data, model_params, params.train, training=True,
+                              seed=params.seed, cache_dir=cache_dir).map(one_hot)
+    val_data = make_dataset(frames["val"], params.data, model_params, params.train, training=False, seed=params.seed,
+                            cache_dir=cache_dir).map(one_hot)
     class_weight = None
     if params.train.class_weights:
         labels = frames["train"].label.map({c: i for i, c in enumerate(classes)}).to_numpy()
@@ -169,8 +188,10 @@ def train_model(name: str, params: Params) -> TrainResult:
                 model.load_weights(head_done)
                 continue
             set_trainable(model, phase, model_params.unfreeze_layers)
-            model.compile(optimizer=_optimizer(params, learning_rate, steps_per_epoch * (last - first)),
-                          loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+            model.compile(optimizer=_optimizer(params, learning_rate, steps_per_epoch * (last - first),
+                                               steps_per_epoch),
+                          loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.train.label_smoothing),
+                          metrics=["accuracy"],
                           jit_compile=bool(device["jit_compile"]), run_eagerly=params.train.run_eagerly)
             model.fit(train_data, validation_data=val_data, initial_epoch=first, epochs=last,
                       class_weight=class_weight, verbose=2,
@@ -180,7 +201,7 @@ def train_model(name: str, params: Params) -> TrainResult:
 
         model.save(outputs.model)
         predictions = {split: predict_frame(model, frames[split], params, model_params, cache_dir)
-                       for split in ("val", "test")}
+                       for split in PREDICTED_SPLITS}
         for split, frame in predictions.items():
             frame.to_parquet(outputs.predictions / f"{split}.parquet", index=False)
         metrics = split_metrics(predictions, classes)

@@ -348,7 +348,7 @@ def test_the_real_ensemble_of_the_trained_workspace_scores_as_its_parts_and_the_
     for name in params.stack.models:
         model = keras.models.load_model(params.paths.models / name / "model.keras")
         size = params.model(name).image_size
-        expected = 1 - model.predict(np.stack([load_rgb(p, size) for p in paths]).astype(np.float32),
+        expected = 1 - model.predict(np.stack([load_rgb(p, size, params.data.preprocess) for p in paths]).astype(np.float32),
                                      verbose=0)[:, NOTUMOR]
         np.testing.assert_allclose([s["tumor_score"][name] for s in scans], expected, atol=1e-5)
         figure = reports["local"]["metrics"][name]["tumor_sensitivity"]

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from components.config import Preprocess
 from components.images import load_rgb
 from components.manifest import build_manifest
 from components.validate import ValidationFailed, validate_manifest
@@ -70,9 +71,9 @@ def test_unusual_modes_are_normalised_and_counted(tiny_dataset, lenient, tmp_pat
     assert summary["normalised"] == 3 and quarantine.empty
     assert {"RGBA", "CMYK"} <= set(summary["modes"]) and any(m.startswith("I") for m in summary["modes"])
     for name in ("alpha.png", "deep.png", "print.jpg"):
-        array = load_rgb(folder / name, 24)
+        array = load_rgb(folder / name, 24, Preprocess.plain())
         assert array.shape == (24, 24, 3) and array.dtype == np.uint8
-    assert load_rgb(folder / "deep.png", 40).max() == 255, "16-bit range must be rescaled, not clipped"
+    assert load_rgb(folder / "deep.png", 40, Preprocess.plain()).max() == 255, "16-bit range must be rescaled, not clipped"
 
 
 @pytest.mark.parametrize("breakage, expected", [

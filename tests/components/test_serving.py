@@ -24,7 +24,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageFile
 
-from components.images import load_rgb
+from components.config import Preprocess, load_params
+from components.images import load_rgb, normalise, to_rgb
 from components.predict import IMAGE_ROOT_ENV, BadInput, Limits, batch_at, decode_rows, predict_paths
 from tests.conftest import CLASSES, ROOT, class_image
 
@@ -282,16 +283,29 @@ def test_a_version_registered_before_the_limits_still_scores_in_process(register
         model.predict(None, pd.DataFrame({"image": [b64(png_bomb(600, 600))]}))
 
 
-def test_served_pixels_equal_training_pixels_for_any_mode(registered, tmp_path):
-    first = registered[2] / "scan_5.jpg"
+@pytest.mark.parametrize("preprocess", [load_params(ROOT / "params.yaml").data.preprocess, Preprocess.plain()],
+                         ids=["params", "plain"])
+def test_served_pixels_equal_training_pixels_for_any_mode(tmp_path, preprocess):
+    # A framed phantom (a bright head in a black field, off centre, not square), as the head crop expects.
+    y, x = np.mgrid[0:90, 0:120]
+    phantom = np.where(((y - 45) / 32) ** 2 + ((x - 55) / 40) ** 2 < 1, 90 + (x * 1.2).astype(np.uint8), 0)
+    first = tmp_path / "scan.jpg"
+    Image.fromarray(phantom.astype(np.uint8), mode="L").save(first, quality=95)
     gray = Image.open(first)
     files = {"jpeg": first, "rgba.png": tmp_path / "a.png", "16bit.png": tmp_path / "b.png"}
     gray.convert("RGBA").resize((70, 50)).save(files["rgba.png"])
     Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257).save(files["16bit.png"])
     limits = Limits(max_rows=len(files), max_image_bytes=10**6, max_image_pixels=10**6)
-    batches, errors = decode_rows(pd.Series([b64(p.read_bytes()) for p in files.values()]), limits, {24, 32, 57})
+    batches, errors = decode_rows(pd.Series([b64(p.read_bytes()) for p in files.values()]), limits, {24, 32, 57},
+                                  preprocess)
     assert not errors
     for size, batch in batches.items():
-        expected = np.stack([load_rgb(p, size) for p in files.values()]).astype(np.float32)
+        expected = np.stack([load_rgb(p, size, preprocess) for p in files.values()]).astype(np.float32)
         np.testing.assert_array_equal(batch, expected)
-        np.testing.assert_array_equal(batch[:1], batch_at([Image.open(first).convert("RGB")], size))
+        np.testing.assert_array_equal(batch[:1], batch_at([normalise(to_rgb(Image.open(first)), preprocess)], size,
+                                                          preprocess))
+    row = batches[57][0, 28, :, 0]  # the middle row of the phantom at 57 px
+    if preprocess.crop_to_head:  # the black field is cropped away: the head spans the input but for the margin
+        assert row[3] > 0 and row[-4] > 0
+    else:
+        assert row[3] == 0 and row[-4] == 0

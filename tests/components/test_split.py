@@ -8,7 +8,7 @@ from components.manifest import build_manifest
 from components.split import hamming, hash_bits, make_splits
 from tests.conftest import KNOWN_TWIN
 
-HOLDOUT_NAMES = ("train", "val", "gate")
+HOLDOUT_NAMES = ("train", "val", "stack", "gate")
 
 
 def synthetic_manifest(seed: int = 1, groups_per_class: dict[str, int] | None = None) -> pd.DataFrame:
@@ -39,13 +39,15 @@ NO_QUARANTINE = pd.DataFrame(columns=["path"])
 
 
 @pytest.mark.parametrize("val_fraction", [0.15, 0.3])
-def test_val_and_gate_shares_match_the_asked_fractions(params, tmp_path, val_fraction):
+def test_val_stack_and_gate_shares_match_the_asked_fractions(params, tmp_path, val_fraction):
     manifest = synthetic_manifest()
-    split = params.split.model_copy(update={"val_fraction": val_fraction, "gate_fraction": 0.1})
+    split = params.split.model_copy(update={"val_fraction": val_fraction, "stack_fraction": 0.12,
+                                            "gate_fraction": 0.1})
     splits, report, removed = make_splits(manifest, NO_QUARANTINE, tmp_path, split, params.seed)
-    pool = len(splits["train"]) + len(splits["val"]) + len(splits["gate"])
+    pool = sum(len(splits[name]) for name in HOLDOUT_NAMES)
     assert removed.empty and pool == (manifest.official_split == "train").sum()
-    for name, fraction in (("val", split.val_fraction), ("gate", split.gate_fraction)):
+    for name, fraction in (("val", split.val_fraction), ("stack", split.stack_fraction),
+                           ("gate", split.gate_fraction)):
         assert abs(len(splits[name]) / pool - fraction) <= 0.01, (name, len(splits[name]) / pool)
         assert report["shares_of_training_pool"][name] == pytest.approx(len(splits[name]) / pool, abs=1e-4)
         # Stratified: every class holds out about the same share.
@@ -78,8 +80,8 @@ def test_duplicate_groups_never_straddle_train_val_gate_and_the_seed_decides(par
 def test_holdouts_that_leave_nothing_to_train_on_are_refused(params):
     from components.config import SplitParams
 
-    with pytest.raises(ValueError, match="gate_fraction"):
-        SplitParams(**{**params.split.model_dump(), "val_fraction": 0.6, "gate_fraction": 0.4})
+    with pytest.raises(ValueError, match="stack_fraction"):
+        SplitParams(**{**params.split.model_dump(), "val_fraction": 0.5, "stack_fraction": 0.2, "gate_fraction": 0.3})
 
 
 def test_split_stage_writes_a_gate_csv_disjoint_from_the_others(workspace):
@@ -87,11 +89,12 @@ def test_split_stage_writes_a_gate_csv_disjoint_from_the_others(workspace):
     from components.dataset import read_split
 
     params = load_params(workspace / "params.yaml")
-    frames = {name: read_split(params.paths.splits, name) for name in ("train", "val", "gate", "test")}
+    frames = {name: read_split(params.paths.splits, name) for name in ("train", "val", "stack", "gate", "test")}
     assert len(frames["gate"]) > 0 and set(frames["gate"].columns) == set(frames["val"].columns)
     paths = [set(frame.path) for frame in frames.values()]
     assert sum(map(len, paths)) == len(set().union(*paths)), "splits overlap"
     assert not set(frames["gate"].group) & (set(frames["train"].group) | set(frames["val"].group))
+    assert not set(frames["stack"].group) & (set(frames["train"].group) | set(frames["val"].group))
     report = json.loads(params.paths.split_report.read_text())
     assert sum(report["counts"]["gate"].values()) == len(frames["gate"])
 
@@ -100,7 +103,7 @@ def test_real_sample_split_has_no_test_copy_in_train_or_val(real_sample, params)
     manifest = build_manifest(real_sample, params.manifest)
     splits, report, removed = make_splits(manifest, pd.DataFrame(columns=["path"]), real_sample, params.split,
                                           params.seed)
-    train_val = pd.concat([splits["train"], splits["val"], splits["gate"]])
+    train_val = pd.concat([splits[name] for name in HOLDOUT_NAMES])
 
     assert not train_val.content_hash.isin(set(splits["test"].content_hash)).any()
     assert report["removed_from_training"]["exact_copy_of_test"] >= 1

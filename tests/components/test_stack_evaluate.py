@@ -9,30 +9,60 @@ from components.stack import STACK, Stacker, load_predictions, stack_features
 from tests.conftest import TRAINED_EXTRA, tiny_params
 
 
-def test_stacker_is_fitted_on_val_rows_only(in_trained, monkeypatch):
+def test_stacker_never_sees_the_rows_its_base_models_were_selected_on(in_trained, monkeypatch):
+    """Early stopping and the schedules chose on val; the meta-learner (and its temperature) are fitted on the
+    stack split alone, which shares no image and no duplicate group with train, val or test."""
+    from components.dataset import read_split
+    from components.metrics import scores
+
     params = tiny_params(in_trained, TRAINED_EXTRA)
-    seen = {}
+    seen = []
     from flaml import AutoML
 
     original = AutoML.fit
 
     def spy(self, X_train=None, y_train=None, **kwargs):
-        seen["X"], seen["y"] = X_train.copy(), np.asarray(y_train).copy()
+        seen.append(X_train.copy())
         return original(self, X_train, y_train, **kwargs)
 
     monkeypatch.setattr(AutoML, "fit", spy)
-    val = load_predictions(params, "val", params.stack.models)
-    test = load_predictions(params, "test", params.stack.models)
-    stack_module.fit_stacker(val, params.data.classes, params.stack, params.seed)
+    splits = {name: read_split(params.paths.splits, name) for name in ("train", "val", "stack", "test")}
+    fit_rows = load_predictions(params, stack_module.FIT_SPLIT, params.stack.models)
+    stacker = stack_module.fit_stacker(fit_rows, params.data.classes, params.stack, params.seed)
 
-    from components.metrics import scores
-    expected = stack_features({n: scores(f, params.data.classes)[1] for n, f in val.items()}, params.stack)
-    pd.testing.assert_frame_equal(seen["X"].reset_index(drop=True), expected)
-    test_features = stack_features({n: scores(f, params.data.classes)[1] for n, f in test.items()}, params.stack)
-    fitted_rows = {tuple(np.round(r, 6)) for r in seen["X"].to_numpy()}
-    assert not any(tuple(np.round(r, 6)) in fitted_rows for r in test_features.to_numpy())
+    assert stack_module.FIT_SPLIT == "stack" and len(seen) == 1
+    assert set(next(iter(fit_rows.values())).path) == set(splits["stack"].path)
+    expected = stack_features({n: scores(f, params.data.classes)[1] for n, f in fit_rows.items()}, params.stack)
+    pd.testing.assert_frame_equal(seen[0].reset_index(drop=True), expected)
+    for other in ("train", "val", "test"):
+        assert not set(splits["stack"].path) & set(splits[other].path), other
+    assert not set(splits["stack"].group) & (set(splits["train"].group) | set(splits["val"].group))
+    fitted_rows = {tuple(np.round(r, 6)) for r in seen[0].to_numpy()}
+    for other in ("val", "test"):
+        frames = load_predictions(params, other, params.stack.models)
+        features = stack_features({n: scores(f, params.data.classes)[1] for n, f in frames.items()}, params.stack)
+        assert not any(tuple(np.round(r, 6)) in fitted_rows for r in features.to_numpy()), other
+    # What the stage recorded: the stack split's paths, and a temperature fitted out of fold.
     meta = json.loads((params.paths.models / "stacker" / "meta.json").read_text())
-    assert meta["fit_rows"] == len(next(iter(val.values())))
+    assert meta["fit_split"] == "stack" and meta["fit_rows"] == len(splits["stack"])
+    assert meta["fit_paths_sha"] == stack_module._paths_digest(splits["stack"].path)
+    assert stacker.temperature > 0 and meta["temperature"] > 0
+
+
+def test_temperature_softens_an_overconfident_model_and_one_changes_nothing():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 400)
+    # Right 70% of the time, but always 99% sure: an overconfident model.
+    predicted = np.where(rng.random(400) < 0.7, labels, (labels + 1) % 4)
+    probabilities = np.full((400, 4), 0.01 / 3)
+    probabilities[np.arange(400), predicted] = 0.99
+    temperature = stack_module.fit_temperature(labels, probabilities, 4)
+    softened = stack_module.with_temperature(probabilities, temperature)
+    assert temperature > 1
+    assert softened.max(axis=1).mean() == pytest.approx(0.7, abs=0.05), "confidence comes down to the accuracy"
+    np.testing.assert_allclose(softened.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(softened.argmax(axis=1), probabilities.argmax(axis=1))
+    np.testing.assert_array_equal(stack_module.with_temperature(probabilities, 1.0), probabilities)
 
 
 def test_stack_outputs_and_baselines(in_trained):

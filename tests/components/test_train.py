@@ -21,13 +21,13 @@ def test_training_writes_every_output_and_one_complete_mlflow_run(workspace, cac
     outputs = Outputs.of(params, "custom_cnn")
 
     assert outputs.model.exists() and result.epochs_run == 2 and result.resumed_from_epoch == 0
-    for split in ("val", "test"):
+    for split in ("val", "stack", "test"):
         frame = pd.read_parquet(outputs.predictions / f"{split}.parquet")
         probabilities = frame[[f"prob_{c}" for c in params.data.classes]].to_numpy()
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
         assert len(frame) == len(pd.read_csv(params.paths.splits / f"{split}.csv"))
     metrics = json.loads(outputs.metrics.read_text())
-    assert set(metrics) == {"val", "test", "test_clean"}
+    assert set(metrics) == {"val", "stack", "test", "test_clean"}
     assert {"accuracy", "macro_f1", "recall_glioma"} <= set(metrics["test"])
     assert list(pd.read_csv(outputs.plots / "history.csv").epoch) == [0, 1]
     assert not outputs.checkpoints.exists(), "a finished run leaves nothing to resume"
@@ -94,11 +94,12 @@ def test_evaluation_batches_keep_the_frame_order(workspace):
 
     params = tiny_params(workspace)
     frame = pd.concat([read_split(params.paths.splits, s) for s in ("train", "val", "test")]).reset_index(drop=True)
-    dataset = make_dataset(frame, params.data.classes, params.model("custom_cnn"), params.train, training=False,
+    dataset = make_dataset(frame, params.data, params.model("custom_cnn"), params.train, training=False,
                            seed=params.seed, batch_size=5)
     images = np.concatenate([x.numpy() for x, _ in dataset])
     labels = np.concatenate([y.numpy() for _, y in dataset])
     np.testing.assert_array_equal(labels, label_indices(frame, params.data.classes))
     # Labels come in long runs of one class, so the images themselves must match their paths, row by row.
-    expected = np.stack([load_rgb(p, params.model("custom_cnn").image_size) for p in frame.path]).astype(np.float32)
+    expected = np.stack([load_rgb(p, params.model("custom_cnn").image_size, params.data.preprocess)
+                         for p in frame.path]).astype(np.float32)
     np.testing.assert_array_equal(images, expected)

@@ -1,0 +1,326 @@
+"""Shortcut audit (`braintumor audit`): what in this data set besides the tumor predicts the label, and how every
+model does on the scans that contradict it.
+
+1. Every readable scan's acquisition style, from its pixels and file alone (components.style), written to
+   paths.style for the drift monitor too.
+2. Its MRI weighting, T1-like or T2-like: a logistic regression on the weighting features, fitted on the
+   hand-labelled scans of audit.hand_labels (weighting labels, never tumor labels). Its agreement with the hand
+   labels is measured out of fold and reported. With fewer than audit.min_hand_labels of them in the data (a toy
+   data set), the documented one-feature rule inner_to_rim > audit.t2_ratio takes its place, and the report says so.
+3. The label x style tables, and how well style alone predicts the label: a gradient-boosted classifier on the
+   style features, cross-validated on the training pool, against chance (the majority class).
+4. Every base model, soft voting and the stack on the official test split, per style cell: accuracy and tumor
+   sensitivity (tumor vs none, called tumor when 1 - P(notumor) >= audit.tumor_threshold). The counter-shortcut
+   cells are tumors that look T2-like and healthy scans that look T1-like.
+
+Writes paths.audit_report (markdown, git), paths.metrics/audit.json (DVC metrics) and paths.style (DVC-cached).
+Method and its check: docs/audit.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components.config import AuditParams, Params, ProjectError
+from components.metrics import NO_TUMOR, probability_columns, proportion
+from components.style import STYLE_FEATURES, WEIGHTING_FEATURES, style_frame
+
+log = logging.getLogger(__name__)
+
+T1, T2 = "T1-like", "T2-like"
+COUNTER_SHORTCUT = {"tumor": T2, NO_TUMOR: T1}  # the style that contradicts each side of the shortcut
+SPLIT_ORDER = ("train", "val", "stack", "gate", "test")
+
+
+def weighting_model(features: pd.DataFrame, hand: pd.DataFrame, audit: AuditParams, seed: int):
+    """(predict: features -> is-T2 booleans, description of the method and its measured agreement)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    labelled = features.merge(hand, on="file")
+    labelled = labelled[labelled[WEIGHTING_FEATURES].notna().all(axis=1)]
+    is_t2 = (labelled.weighting == T2).to_numpy()
+    if len(labelled) < audit.min_hand_labels or is_t2.all() or not is_t2.any():
+        rule = f"inner_to_rim > {audit.t2_ratio}"
+        found = f"{len(labelled)} of the hand-labelled scans are in the data (audit.min_hand_labels is " \
+                f"{audit.min_hand_labels})"
+
+        def predict_rule(frame: pd.DataFrame) -> np.ndarray:
+            return (frame.inner_to_rim > audit.t2_ratio).to_numpy()
+
+        agreement = (proportion(float(np.mean(predict_rule(labelled) == is_t2)), int(np.sum(
+            predict_rule(labelled) == is_t2)), len(labelled), audit.interval_below, audit.confidence)
+            if len(labelled) else None)
+        return predict_rule, {"method": f"rule {rule}", "why": found, "agreement": agreement}
+
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(C=audit.regularisation, max_iter=1000))
+    folds = min(5, int(is_t2.sum()), int((~is_t2).sum()))
+    out_of_fold = cross_val_predict(classifier, labelled[WEIGHTING_FEATURES], is_t2,
+                                    cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+    agree = int(np.sum(out_of_fold == is_t2))
+    classifier.fit(labelled[WEIGHTING_FEATURES], is_t2)
+
+    def predict(frame: pd.DataFrame) -> np.ndarray:
+        usable = frame[WEIGHTING_FEATURES].notna().all(axis=1).to_numpy()
+        out = np.zeros(len(frame), dtype=bool)
+        if usable.any():
+            out[usable] = classifier.predict(frame.loc[usable, WEIGHTING_FEATURES])
+        return out
+
+    return predict, {
+        "method": f"logistic regression on {len(WEIGHTING_FEATURES)} weighting features, fitted on "
+                  f"{len(labelled)} hand-labelled scans ({int(is_t2.sum())} T2-like)",
+        "agreement": proportion(agree / len(labelled), agree, len(labelled), audit.interval_below, audit.confidence),
+        "agreement_note": f"{folds}-fold out-of-fold predictions against the hand labels",
+    }
+
+
+def style_only(features: pd.DataFrame, classes: list[str], seed: int, folds: int) -> dict:
+    """How well style alone predicts the label on the training pool (cross-validated) and on test (fitted on the
+    pool), against chance: the majority class's share. Also tumor vs none ROC-AUC from style alone."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.metrics import accuracy_score, roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    pool = features[features.split != "test"]
+    test = features[features.split == "test"]
+    labels = pool.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
+    folds = min(folds, int(np.bincount(labels, minlength=len(classes))[np.unique(labels)].min()))
+    if folds < 2 or len(np.unique(labels)) < 2:
+        return {"note": "too few scans per class to cross-validate"}
+    model = HistGradientBoostingClassifier(random_state=seed)
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    probabilities = cross_val_predict(model, pool[STYLE_FEATURES], labels, cv=cv, method="predict_proba")
+    present = np.unique(labels)
+    full = np.zeros((len(pool), len(classes)))
+    full[:, present] = probabilities
+    healthy = classes.index(NO_TUMOR)
+    tumor = labels != healthy
+    out = {
+        "pool_images": len(pool), "folds": folds,
+        "cv_accuracy": float(accuracy_score(labels, full.argmax(axis=1))),
+        "chance_accuracy": float(np.bincount(labels).max() / len(labels)),
+        "cv_tumor_roc_auc": float(roc_auc_score(tumor, 1 - full[:, healthy])) if 0 < tumor.sum() < len(tumor)
+        else None,
+    }
+    if len(test):
+        model.fit(pool[STYLE_FEATURES], labels)
+        test_labels = test.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
+        out["test_accuracy"] = float(accuracy_score(test_labels, model.predict(test[STYLE_FEATURES])))
+        out["test_chance_accuracy"] = float(np.bincount(test_labels).max() / len(test_labels))
+    return out
+
+
+def cell_metrics(frame: pd.DataFrame, classes: list[str], audit: AuditParams) -> dict:
+    """Accuracy and tumor sensitivity (or, for healthy scans, specificity) of one model's test predictions in one
+    cell, with counts (and a Wilson interval below audit.interval_below scans)."""
+    probabilities = frame[probability_columns(classes)].to_numpy()
+    right = probabilities.argmax(axis=1) == frame.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
+    called_tumor = 1 - probabilities[:, classes.index(NO_TUMOR)] >= audit.tumor_threshold
+    tumor = (frame.label != NO_TUMOR).to_numpy()
+    n = len(frame)
+    out = {"accuracy": proportion(float(right.mean()) if n else 0.0, int(right.sum()), n, audit.interval_below,
+                                  audit.confidence)}
+    if tumor.any():
+        hits = int(called_tumor[tumor].sum())
+        out["tumor_sensitivity"] = proportion(hits / tumor.sum(), hits, int(tumor.sum()), audit.interval_below,
+                                              audit.confidence)
+    if (~tumor).any():
+        passes = int((~called_tumor[~tumor]).sum())
+        out["tumor_specificity"] = proportion(passes / (~tumor).sum(), passes, int((~tumor).sum()),
+                                              audit.interval_below, audit.confidence)
+    return out
+
+
+def per_cell(predictions: dict[str, pd.DataFrame], styles: pd.DataFrame, classes: list[str],
+             audit: AuditParams) -> dict[str, dict[str, dict]]:
+    """{model: {cell: metrics}} on test. Cells: all, tumor/notumor x T1-like/T2-like, and the counter-shortcut
+    cells by name."""
+    out = {}
+    for name, frame in predictions.items():
+        frame = frame.merge(styles[["path", "weighting"]], on="path", how="left")
+        side = np.where(frame.label == NO_TUMOR, NO_TUMOR, "tumor")
+        cells = {"all": frame}
+        for kind in ("tumor", NO_TUMOR):
+            cells[kind] = frame[side == kind]
+            for weighting in (T1, T2):
+                cells[f"{kind} {weighting}"] = frame[(side == kind) & (frame.weighting == weighting)]
+        out[name] = {cell: cell_metrics(rows, classes, audit) for cell, rows in cells.items() if len(rows)}
+    return out
+
+
+def shortcut_gaps(cells: dict[str, dict[str, dict]]) -> dict[str, dict]:
+    """Per model: tumor sensitivity overall and in the T2-like tumor cell, and their gap in points."""
+    out = {}
+    for name, by_cell in cells.items():
+        overall = by_cell.get("tumor", {}).get("tumor_sensitivity")
+        counter = by_cell.get(f"tumor {T2}", {}).get("tumor_sensitivity")
+        if overall and counter:
+            out[name] = {"overall": overall["value"], "counter_shortcut": counter["value"],
+                         "gap_points": round(100 * (overall["value"] - counter["value"]), 2), "n": counter["n"]}
+    return out
+
+
+def read_splits(params: Params) -> pd.DataFrame:
+    """path (as the splits write it), split, and clean for test."""
+    from components.dataset import read_split
+
+    frames = []
+    for split in SPLIT_ORDER:
+        frame = read_split(params.paths.splits, split)
+        frames.append(frame[["path"]].assign(split=split, clean=frame["clean"] if "clean" in frame else False))
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_test_predictions(params: Params) -> dict[str, pd.DataFrame]:
+    from components.stack import SOFT_VOTE, STACK
+
+    out = {}
+    for name in [*params.stack.models, SOFT_VOTE, STACK]:
+        path = params.paths.predictions / name / "test.parquet"
+        if not path.exists():
+            raise ProjectError(f"{path} not found: the audit scores every model's test predictions; run "
+                               f"`dvc repro stack` first")
+        out[name] = pd.read_parquet(path)
+    return out
+
+
+def run_audit(params: Params) -> dict:
+    import mlflow
+
+    from components import tracking
+
+    audit, classes = params.audit, params.data.classes
+    manifest = pd.read_parquet(params.paths.manifest)
+    manifest = manifest[manifest.readable].reset_index(drop=True)
+    manifest["full_path"] = [(Path(params.paths.raw) / p).as_posix() for p in manifest.path]
+    log.info("style features of %d scans", len(manifest))
+    features = style_frame(manifest.full_path.tolist(), params.manifest.workers).drop(columns="path")
+    features = pd.concat([manifest[["path", "full_path", "label", "mode"]].rename(columns={"path": "file"}),
+                          features], axis=1)
+    hand_path = Path(audit.hand_labels)
+    if not hand_path.exists():
+        raise ProjectError(f"{hand_path} not found (params audit.hand_labels): it holds the hand-labelled MRI "
+                           "weighting of a sample of scans, columns file (relative to data/raw) and weighting")
+    hand = pd.read_csv(hand_path)
+    predict_t2, method = weighting_model(features, hand, audit, params.seed)
+    features["weighting"] = np.where(predict_t2(features), T2, T1)
+
+    splits = read_splits(params)
+    features = features.merge(splits, left_on="full_path", right_on="path", how="left").drop(columns="path")
+    features["split"] = features.split.fillna("excluded")  # quarantined, or dropped as a twin of a test image
+    styles = features.rename(columns={"full_path": "path"})
+    params.paths.style.parent.mkdir(parents=True, exist_ok=True)
+    styles.to_parquet(params.paths.style, index=False)
+
+    used = styles[styles.split != "excluded"]
+    tables = {
+        "weighting_by_label": pd.crosstab(used.label, used.weighting).to_dict(orient="index"),
+        "weighting_by_label_test": pd.crosstab(used[used.split == "test"].label,
+                                               used[used.split == "test"].weighting).to_dict(orient="index"),
+        "stored_mode_by_label": pd.crosstab(used.label, used["mode"]).to_dict(orient="index"),
+    }
+    predictor = style_only(used, classes, params.seed, audit.folds)
+    cells = per_cell(load_test_predictions(params), styles, classes, audit)
+    gaps = shortcut_gaps(cells)
+    summary = {"weighting_method": method, "tables": tables, "style_only": predictor, "test_cells": cells,
+               "counter_shortcut_gaps": gaps, "tumor_threshold": audit.tumor_threshold,
+               "scans": len(styles), "scans_used": len(used)}
+    params.paths.metrics.mkdir(parents=True, exist_ok=True)
+    (params.paths.metrics / "audit.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    params.paths.audit_report.parent.mkdir(parents=True, exist_ok=True)
+    params.paths.audit_report.write_text(markdown(summary, classes))
+
+    with tracking.stage_run(params, "audit", "audit"):
+        metrics = {f"style_only.{k}": v for k, v in predictor.items() if isinstance(v, float)}
+        metrics |= {f"{name}.counter_shortcut_gap_points": g["gap_points"] for name, g in gaps.items()}
+        metrics |= {f"{name}.{cell}.{metric}".replace(" ", "_"): figure["value"]
+                    for name, by_cell in cells.items() for cell, figures in by_cell.items()
+                    for metric, figure in figures.items()}
+        if method.get("agreement"):
+            metrics["weighting.agreement_with_hand_labels"] = method["agreement"]["value"]
+        mlflow.log_metrics(metrics)
+        mlflow.log_param("weighting_method", method["method"][:500])
+        mlflow.log_artifact(str(params.paths.audit_report))
+        mlflow.log_artifact(str(params.paths.metrics / "audit.json"))
+    return {"report": str(params.paths.audit_report), "style_only": predictor, "counter_shortcut_gaps": gaps}
+
+
+def _figure(figure: dict | None) -> str:
+    if not figure:
+        return "–"
+    text = f"{100 * figure['value']:.1f}% ({figure['k']}/{figure['n']}"
+    if "ci_low" in figure:
+        text += f"; CI {100 * figure['ci_low']:.0f}–{100 * figure['ci_high']:.0f}%"
+    return text + ")"
+
+
+def _crosstab(table: dict, columns: list[str]) -> list[str]:
+    lines = ["| label | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for label, row in table.items():
+        lines.append(f"| {label} | " + " | ".join(str(row.get(c, 0)) for c in columns) + " |")
+    return lines
+
+
+def markdown(summary: dict, classes: list[str]) -> str:
+    method, predictor, tables = summary["weighting_method"], summary["style_only"], summary["tables"]
+    lines = ["# Shortcut audit", "",
+             f"{summary['scans']} readable scans; {summary['scans_used']} in train, val, stack, gate or test "
+             "(the rest were quarantined or dropped as twins of test images). Method and its check: "
+             "[docs/audit.md](../docs/audit.md).", "",
+             "## MRI weighting", "", f"Estimated without labels by a {method['method']}."]
+    if method.get("why"):
+        lines.append(f"Fallback: {method['why']}.")
+    if method.get("agreement"):
+        lines.append(f"Agreement with the hand labels: {_figure(method['agreement'])}"
+                     + (f" ({method['agreement_note']})." if method.get("agreement_note") else "."))
+    lines += ["", "All scans in use:", ""] + _crosstab(tables["weighting_by_label"], [T1, T2])
+    lines += ["", "Official test split:", ""] + _crosstab(tables["weighting_by_label_test"], [T1, T2])
+    modes = sorted({m for row in tables["stored_mode_by_label"].values() for m in row})
+    lines += ["", "## Stored colour mode", "", "A grayscale scan stored as RGB or as L is the same picture; which "
+              "one a file is tells its source.", ""] + _crosstab(tables["stored_mode_by_label"], modes)
+    lines += ["", "## Style alone predicts the label", ""]
+    if "cv_accuracy" in predictor:
+        lines += [f"A gradient-boosted classifier on the {len(STYLE_FEATURES)} style features (no pixels of the "
+                  "tumor, no label), on the training pool:", "",
+                  "| measure | style only | chance (majority class) |", "|---|---|---|",
+                  f"| {predictor['folds']}-fold CV accuracy, {predictor['pool_images']} scans | "
+                  f"{100 * predictor['cv_accuracy']:.1f}% | {100 * predictor['chance_accuracy']:.1f}% |"]
+        if "test_accuracy" in predictor:
+            lines.append(f"| test accuracy (fitted on the pool) | {100 * predictor['test_accuracy']:.1f}% | "
+                         f"{100 * predictor['test_chance_accuracy']:.1f}% |")
+        if predictor.get("cv_tumor_roc_auc") is not None:
+            lines.append(f"| tumor vs none ROC-AUC (CV) | {predictor['cv_tumor_roc_auc']:.3f} | 0.500 |")
+    else:
+        lines.append(predictor.get("note", ""))
+    cell_names = ["all", "tumor", f"tumor {T1}", f"tumor {T2}", NO_TUMOR, f"{NO_TUMOR} {T1}", f"{NO_TUMOR} {T2}"]
+    lines += ["", "## Models per style cell (official test)", "",
+              f"Tumor sensitivity: share of tumor scans called tumor (1 − P({NO_TUMOR}) ≥ "
+              f"{summary['tumor_threshold']}); specificity: share of healthy scans called healthy. The "
+              f"counter-shortcut cells are **tumor {T2}** and **{NO_TUMOR} {T1}**.", "",
+              "| model | " + " | ".join(cell_names) + " |", "|---|" + "---|" * len(cell_names)]
+    for name, by_cell in summary["test_cells"].items():
+        row = []
+        for cell in cell_names:
+            figures = by_cell.get(cell, {})
+            key = "accuracy" if cell == "all" else (
+                "tumor_specificity" if cell.startswith(NO_TUMOR) else "tumor_sensitivity")
+            row.append(_figure(figures.get(key)))
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    lines += ["", "Column `all` is accuracy (4 classes); tumor columns are tumor sensitivity, notumor columns "
+              "specificity.", "", "## Counter-shortcut gap", "",
+              "Target: tumor sensitivity on T2-like tumors within 5 points of all tumors.", "",
+              "| model | all tumors | T2-like tumors | gap (points) | T2-like tumors (n) |", "|---|---|---|---|---|"]
+    for name, gap in summary["counter_shortcut_gaps"].items():
+        lines.append(f"| {name} | {100 * gap['overall']:.1f}% | {100 * gap['counter_shortcut']:.1f}% | "
+                     f"{gap['gap_points']:.1f} | {gap['n']} |")
+    if not summary["counter_shortcut_gaps"]:
+        lines.append("| – | no T2-like tumor in the test split | | | 0 |")
+    return "\n".join(lines) + "\n"
