@@ -27,7 +27,7 @@ def direct_predict(models: dict, stacker, paths: list[str]) -> np.ndarray:
     for name, model in models.items():
         size = model.input_shape[1]
         if size not in batches:
-            batches[size] = np.stack([load_rgb(p, size) for p in paths]).astype(np.float32)
+            batches[size] = np.stack([load_rgb(p, size, preprocess) for p in paths]).astype(np.float32)
         probabilities[name] = np.asarray(model.predict_on_batch(batches[size]))  # compiled; eager call is ~10x slower
     return stacker.predict_proba(probabilities)
 

@@ -81,6 +81,13 @@ def _stack(args, params):
     return {k: summary[k] for k in ("models", "fit_rows", "best_estimator", "run_id")}
 
 
+@command("reference")
+def _reference(args, params):
+    from components.reference import build_reference
+
+    return build_reference(params)
+
+
 @command("evaluate")
 def _evaluate(args, params):
     from components.evaluate import run_evaluate
@@ -145,7 +152,7 @@ def _explain(args, params):
     from components.explain import explain_image
 
     out = Path(args.out or f"reports/explain/{Path(args.image).stem}_{args.model}.png")
-    return explain_image(Path(args.image), params.paths.models / args.model / "model.keras", params.data.classes,
+    return explain_image(Path(args.image), params.paths.models / args.model / "model.keras", params.data,
                          out)
 
 
@@ -184,6 +191,15 @@ def _flow_predict(args, params):
     from flows.inference import batch_predict
 
     return batch_predict(args.folder, args.model_uri, args.params)
+
+
+@command("flow monitor")
+def _flow_monitor(args, params):
+    _refuse_overrides(args, "monitor_batch reads params.yaml as committed; edit it, or pass --params FILE")
+    _prefect_startup_timeout(params)
+    from flows.monitoring import monitor_batch
+
+    return monitor_batch(args.folder, args.model_uri, args.params)
 
 
 @command("flow serve")
@@ -228,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one CNN; one MLflow run")
     train.add_argument("--model", required=True, help="custom_cnn | mobilenetv2 | densenet169 | resnet50")
     sub.add_parser("stack", help="fit the FLAML meta-learner on val predictions")
+    sub.add_parser("reference", help="profile of the training data for drift monitoring: embeddings, style "
+                   "features, predicted class mix, OOD threshold (params: monitor)")
     sub.add_parser("evaluate", help="metrics, plots and Grad-CAM on the official and clean test sets")
     sub.add_parser("register", help="register base models and the ensemble; new versions get @challenger")
     for name, text in (("promote", "move @champion to @challenger if the gate in params passes"),
@@ -258,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     flow_predict = flow.add_parser("predict", help="run batch_predict on a folder under flow.inference_root")
     flow_predict.add_argument("folder")
     flow_predict.add_argument("--model-uri", default="models:/brain-tumor-ensemble@champion")
+    flow_monitor = flow.add_parser("monitor", help="run monitor_batch on a folder under flow.inference_root: GX "
+                                   "checks, embedding, style and class-mix drift, OOD scans; retrains on evidence "
+                                   "(params: monitor)")
+    flow_monitor.add_argument("folder")
+    flow_monitor.add_argument("--model-uri", help="a registered ensemble, e.g. models:/brain-tumor-ensemble@champion, "
+                              "compared with its `reference` artifact (default: the workspace's trained models and "
+                              "paths.reference, no registry needed)")
     flow.add_parser("serve", help="serve the scheduled train_pipeline deployment (cron from params)")
     services = sub.add_parser("services", help="team PostgreSQL, MLflow (basic auth) and Prefect servers (params: "
                               "services); credentials from the environment")

@@ -140,7 +140,7 @@ class Augmentation(Section):
     gamma: float = Field(ge=0)
     invert: float = Field(ge=0, le=1)
     blur: float = Field(ge=0, le=1)
-    noise: float = Field(ge=0)
+    noise: float = Field(ge=0, le=1)
     low_resolution: float = Field(ge=0, le=1)
     low_resolution_min_scale: float = Field(gt=0, le=1)
 

@@ -82,12 +82,15 @@ def augmenter(augmentation: Augmentation, seed: int) -> keras.Sequential:
     if augmentation.gamma:
         layers.append(RandomGamma(augmentation.gamma, seed=seed))
     if augmentation.invert:
-        layers.append(keras.layers.RandomInvert(augmentation.invert, value_range=(0, 255), seed=seed))
+        # (p, p): invert with probability p. A single float f would draw the probability from U(0, f).
+        layers.append(keras.layers.RandomInvert((augmentation.invert, augmentation.invert), value_range=(0, 255),
+                                                seed=seed))
     if augmentation.blur:
         layers.append(keras.layers.RandomGaussianBlur(augmentation.blur, kernel_size=5, sigma=(0.1, 1.5),
                                                       value_range=(0, 255), seed=seed))
-    if augmentation.noise:
-        layers.append(keras.layers.GaussianNoise(augmentation.noise, seed=seed))
+    if augmentation.noise:  # GaussianNoise takes a standard deviation in 0..1: noise on the 0..1 scale
+        layers += [keras.layers.Rescaling(1 / 255), keras.layers.GaussianNoise(augmentation.noise, seed=seed),
+                   keras.layers.Rescaling(255)]
     if augmentation.low_resolution:
         layers.append(RandomLowResolution(augmentation.low_resolution, augmentation.low_resolution_min_scale,
                                           seed=seed))

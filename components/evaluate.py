@@ -85,7 +85,7 @@ def gradcam_examples(params: Params, name: str, frame: pd.DataFrame, out: Path) 
     written = []
     for kind, rows in (("correct", right), ("wrong", wrong)):
         for row in rows:
-            image = load_rgb(frame.path.iloc[row], size).astype(np.float32)
+            image = load_rgb(frame.path.iloc[row], size, params.data.preprocess).astype(np.float32)
             heatmap, target, _ = gradcam(model, image)
             path = out / f"gradcam_{name}_{kind}_{row}.png"
             overlay(image, heatmap).resize((128, 128)).save(path)

@@ -54,14 +54,14 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> Imag
     return Image.fromarray((image * (1 - alpha) + colored * alpha).clip(0, 255).astype(np.uint8))
 
 
-def explain_image(image_path: Path, model_path: Path, classes: list[str], out: Path) -> dict:
+def explain_image(image_path: Path, model_path: Path, data: DataParams, out: Path) -> dict:
     import keras
 
     model = keras.models.load_model(model_path)
     size = model.input_shape[1]
-    image = load_rgb(image_path, size).astype(np.float32)
+    image = load_rgb(image_path, size, data.preprocess).astype(np.float32)
     heatmap, target, probabilities = gradcam(model, image)
     out.parent.mkdir(parents=True, exist_ok=True)
     overlay(image, heatmap).resize((max(size, 224), max(size, 224))).save(out)
-    return {"image": str(image_path), "model": str(model_path), "explained_class": classes[target],
-            "probabilities": dict(zip(classes, map(float, probabilities))), "overlay": str(out)}
+    return {"image": str(image_path), "model": str(model_path), "explained_class": data.classes[target],
+            "probabilities": dict(zip(data.classes, map(float, probabilities))), "overlay": str(out)}

@@ -12,6 +12,7 @@ probabilities of every later prediction. Tree meta-learners otherwise give coars
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from components.config import Params, StackParams
 from components.metrics import basic_metrics, probability_columns, scores, split_metrics
 
 SOFT_VOTE, STACK = "soft_vote", "stack"
+log = logging.getLogger(__name__)
 FIT_SPLIT = "stack"  # the split the meta-learner and its temperature are fitted on
 
 
@@ -133,7 +135,10 @@ def fit_stacker(fit_rows: dict[str, pd.DataFrame], classes: list[str], stack: St
                estimator_list=list(stack.estimators), eval_method="cv", n_splits=stack.folds, seed=seed,
                log_file_name=str(log_file) if log_file else "", mlflow_logging=False, verbose=0)
     temperature = 1.0
-    if stack.calibration == "temperature":
+    if stack.calibration == "temperature" and np.bincount(labels)[np.unique(labels)].min() < 2:
+        log.warning("stack.calibration: a class has a single stack-split row, too few to fit a temperature out "
+                    "of fold; the stacker stays uncalibrated (raise split.stack_fraction)")
+    elif stack.calibration == "temperature":
         temperature = fit_temperature(labels, out_of_fold(automl, features, labels, stack.folds, seed,
                                                           len(classes)), len(classes))
     return Stacker(automl, list(fit_rows), classes, stack, temperature)

@@ -91,16 +91,18 @@ def params() -> Params:
     """Repo params, shrunk for 2 CPU cores and tiny images."""
     return load_params(ROOT / "params.yaml", [
         "validate.min_side=16", "validate.min_class_share=0.05", "validate.max_class_share=0.6",
-        "split.val_fraction=0.25",
+        "split.val_fraction=0.25", "split.stack_fraction=0.25",
     ])
 
 
 def init_repo(work: Path) -> Path:
-    """A git + DVC repo holding this project's dvc.yaml, params.yaml and components (the stages' code deps)."""
+    """A git + DVC repo holding this project's dvc.yaml, params.yaml, components (the stages' code deps) and the
+    audit's hand labels."""
     work.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy2(ROOT / name, work / name)
     shutil.copytree(ROOT / "components", work / "components", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "docs" / "audit", work / "docs" / "audit")  # the audit stage's hand labels
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     subprocess.run(["dvc", "init", "-q"], cwd=work, check=True)
     subprocess.run(["dvc", "config", "core.autostage", "true"], cwd=work, check=True)
@@ -125,7 +127,7 @@ def tiny_overrides(extra: list[str] | None = None) -> list[str]:
     """`section.key=value` overrides for 32 px images, one epoch, small batches, on every model."""
     overrides = [o.format(m=m) for m in CLASSES_MODELS for o in TINY_TRAINING]
     return overrides + ["validate.min_side=16", "validate.min_class_share=0.05", "validate.max_class_share=0.6",
-                  "split.val_fraction=0.25", "train.eval_batch_size=16", "train.run_eagerly=true", "models.custom_cnn.filters=[8,16]"] + (extra or [])
+                  "split.val_fraction=0.25", "split.stack_fraction=0.25", "train.eval_batch_size=16", "train.run_eagerly=true", "models.custom_cnn.filters=[8,16]"] + (extra or [])
 
 
 def tiny_params(root: Path, extra: list[str] | None = None) -> Params:
