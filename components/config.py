@@ -222,8 +222,19 @@ class ReportParams(Section):
     figures: Path
     base_model_target: float = Field(ge=0, le=1)
     stack_target: float = Field(ge=0, le=1)
+    tumor_sensitivity_target: float = Field(ge=0, le=1)
+    tumor_specificity_target: float = Field(ge=0, le=1)
+    ece_target: float = Field(ge=0, le=1)
+    counter_shortcut_gap_points: float = Field(ge=0)
+    clean_gap_points: float = Field(ge=0)
+    seed_spread_points: float = Field(ge=0)
+    stack_seed_spread_points: float = Field(ge=0)
+    external_sensitivity_target: float = Field(ge=0, le=1)
+    external_reports: list[Path]
+    seeds_dir: Path
     training_budget_minutes: float = Field(gt=0)
-    tolerance: float = Field(ge=0, le=1)
+    interval_below: int = Field(ge=0)
+    confidence: float = Field(gt=0, lt=1)
 
 
 class AuditParams(Section):

@@ -1,7 +1,12 @@
 """`braintumor report`: docs/results.md written from a finished run's own outputs, never typed by hand.
 
-It reads the evaluation metrics, the splits, each training's history and MLflow run, the registered versions and
-the data hash, checks the targets in params, and copies the stack's plots next to the page.
+It reads the evaluation metrics, the splits, the shortcut audit, the external evaluations, each training's history
+and MLflow run, the registered versions and the data hash, checks the targets in params, and copies the stack's
+plots next to the page. The headline is the full official test split (no twin of any of its images is left in
+training); its clean subset stands beside it with its class counts, as a check for residual leakage.
+
+Each run's metrics are also kept as <report.seeds_dir>/<seed>.json, so the page shows the spread over every seed
+run so far (a second seed: `braintumor flow train -S seed=43`, then `braintumor report`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import pandas as pd
 
 from components.config import Params, ReportParams
 from components.data_import import data_hash
+from components.metrics import proportion
 
 BASE_ROWS = ("custom_cnn", "mobilenetv2", "densenet169", "resnet50")
 TEST_SETS = {"test": "official test", "test_clean": "clean test"}
@@ -123,22 +129,199 @@ def comparison_table(evaluation: dict, classes: list[str]) -> str:
     return "\n".join(lines)
 
 
-def target_checks(evaluation: dict, targets: ReportParams) -> list[tuple[str, bool, str]]:
-    """(what, met, detail) for the profile's targets on the clean test set."""
-    clean = {name: sets["test_clean"]["accuracy"] for name, sets in evaluation.items()}
-    base = {name: clean[name] for name in BASE_ROWS if name in clean}
-    checks = [(f"{name} >= {_pct(targets.base_model_target)}", acc >= targets.base_model_target, _pct(acc))
-              for name, acc in base.items()]
-    if "stack" in clean:
-        stack = clean["stack"]
-        checks.append((f"stack >= {_pct(targets.stack_target)}", stack >= targets.stack_target, _pct(stack)))
-        best_name = max(base, key=base.get)
-        checks.append((f"stack above the best single model ({best_name})", stack > base[best_name],
-                       f"{_pct(stack)} vs {_pct(base[best_name])}"))
-        if "soft_vote" in clean:
-            checks.append(("stack above soft voting", stack > clean["soft_vote"],
-                           f"{_pct(stack)} vs {_pct(clean['soft_vote'])}"))
+def _points(value: float) -> str:
+    return f"{100 * value:.1f} points"
+
+
+def target_checks(evaluation: dict, targets: ReportParams, audit: dict | None = None,
+                  external: dict[str, dict] | None = None, seeds: dict[int, dict] | None = None,
+                  training_minutes: float | None = None) -> list[tuple[str, bool | None, str]]:
+    """(what, met, detail) for every target of the profile, on the full official test split. `met` is None when
+    the run has nothing to judge it by (no audit, no external report, a single seed)."""
+    full = {name: sets["test"] for name, sets in evaluation.items()}
+    base = {name: full[name]["accuracy"] for name in BASE_ROWS if name in full}
+    checks: list[tuple[str, bool | None, str]] = [
+        (f"{name} >= {_pct(targets.base_model_target)}", acc >= targets.base_model_target, _pct(acc))
+        for name, acc in base.items()]
+    if "stack" in full:
+        stack = full["stack"]
+        checks.append((f"stack >= {_pct(targets.stack_target)}", stack["accuracy"] >= targets.stack_target,
+                       _pct(stack["accuracy"])))
+        if base:
+            best_name = max(base, key=base.get)
+            checks.append((f"stack above the best single model ({best_name})", stack["accuracy"] > base[best_name],
+                           f"{_pct(stack['accuracy'])} vs {_pct(base[best_name])}"))
+        if "soft_vote" in full:
+            checks.append(("stack above soft voting", stack["accuracy"] > full["soft_vote"]["accuracy"],
+                           f"{_pct(stack['accuracy'])} vs {_pct(full['soft_vote']['accuracy'])}"))
+        checks.append((f"stack tumor sensitivity >= {_pct(targets.tumor_sensitivity_target)} at specificity >= "
+                       f"{_pct(targets.tumor_specificity_target)}",
+                       stack["tumor_sensitivity"] >= targets.tumor_sensitivity_target
+                       and stack["tumor_specificity"] >= targets.tumor_specificity_target,
+                       f"{_pct(stack['tumor_sensitivity'])} at {_pct(stack['tumor_specificity'])}"))
+        checks.append((f"stack ECE <= {targets.ece_target}", stack["ece"] <= targets.ece_target,
+                       f"{stack['ece']:.3f}"))
+        gap = evaluation["stack"]["test"]["accuracy"] - evaluation["stack"]["test_clean"]["accuracy"]
+        checks.append((f"stack clean subset within {targets.clean_gap_points} points of the full split",
+                       abs(100 * gap) <= targets.clean_gap_points,
+                       f"{_pct(evaluation['stack']['test_clean']['accuracy'])} vs {_pct(stack['accuracy'])}"))
+    gaps = (audit or {}).get("counter_shortcut_gaps", {})
+    for name in [*BASE_ROWS, "soft_vote", "stack"]:
+        if name in gaps:
+            g = gaps[name]
+            checks.append((f"{name}: T2-like tumors within {targets.counter_shortcut_gap_points} points of all "
+                           "tumors", g["gap_points"] <= targets.counter_shortcut_gap_points,
+                           f"{_pct(g['counter_shortcut'])} (n={g['n']}) vs {_pct(g['overall'])}"))
+    if audit is not None and not gaps:
+        checks.append(("T2-like tumors within the gap target", None, "no T2-like tumor found in the test split"))
+    for label, report in (external or {}).items():
+        figure = report["metrics"]["stack"]["tumor_sensitivity"] if report else None
+        if figure is None or figure.get("value") is None:
+            checks.append((f"external `{label}`: stack tumor sensitivity >= "
+                           f"{_pct(targets.external_sensitivity_target)}", None, "not run"))
+        else:
+            checks.append((f"external `{label}`: stack tumor sensitivity >= "
+                           f"{_pct(targets.external_sensitivity_target)}",
+                           figure["value"] >= targets.external_sensitivity_target,
+                           f"{_pct(figure['value'])} ({figure['k']}/{figure['n']})"))
+    spreads = seed_spreads(seeds or {})
+    for name, spread in spreads.items():
+        limit = targets.stack_seed_spread_points if name == "stack" else targets.seed_spread_points
+        if name in (*BASE_ROWS, "stack"):
+            checks.append((f"{name}: seeds within {limit} points", None if spread is None else
+                           100 * spread <= limit, "one seed so far" if spread is None else _points(spread)))
+    if training_minutes is not None:
+        checks.append((f"all trainings <= {targets.training_budget_minutes:g} min",
+                       training_minutes <= targets.training_budget_minutes, f"{training_minutes:.1f} min"))
     return checks
+
+
+def seed_spreads(seeds: dict[int, dict]) -> dict[str, float | None]:
+    """Full-test accuracy max - min over the seeds, per model (None with one seed)."""
+    names = sorted({name for evaluation in seeds.values() for name in evaluation})
+    out = {}
+    for name in names:
+        values = [e[name]["test"]["accuracy"] for e in seeds.values() if name in e]
+        out[name] = max(values) - min(values) if len(values) > 1 else None
+    return out
+
+
+def seeds_table(seeds: dict[int, dict]) -> str:
+    order = sorted(seeds)
+    names = [n for n in [*BASE_ROWS, "soft_vote", "stack"] if any(n in seeds[s] for s in order)]
+    spreads = seed_spreads(seeds)
+    lines = ["| model | " + " | ".join(f"seed {s}" for s in order) + " | spread (max − min) |",
+             "|---|" + "---|" * (len(order) + 1)]
+    for name in names:
+        cells = [_pct(seeds[s][name]["test"]["accuracy"]) if name in seeds[s] else "–" for s in order]
+        spread = spreads.get(name)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'–' if spread is None else _points(spread)} |")
+    return "\n".join(lines)
+
+
+def record_seed(params: Params, evaluation: dict) -> dict[int, dict]:
+    """Keep this run's evaluation as seeds_dir/<seed>.json (replacing that seed's older run) and return every
+    seed's, this one included."""
+    folder = Path(params.report.seeds_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{params.seed}.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+    return {int(path.stem): json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))
+            if path.stem.isdigit()}
+
+
+def class_counts(test: pd.DataFrame, classes: list[str]) -> dict[str, dict[str, int]]:
+    return {"test": {c: int((test.label == c).sum()) for c in classes},
+            "test_clean": {c: int(((test.label == c) & test.clean).sum()) for c in classes}}
+
+
+def _figure(value: float, n: int, settings: ReportParams) -> str:
+    """value (a proportion of n scans) with its count, and a Wilson interval below settings.interval_below."""
+    k = int(round(value * n))
+    figure = proportion(value, k, n, settings.interval_below, settings.confidence)
+    text = f"{_pct(value)} ({k}/{n}"
+    if "ci_low" in figure:
+        text += f"; {round(100 * settings.confidence)}% CI {_pct(figure['ci_low'])}–{_pct(figure['ci_high'])}"
+    return text + ")"
+
+
+def headline_table(evaluation: dict, counts: dict[str, dict[str, int]], classes: list[str],
+                   settings: ReportParams) -> str:
+    """Full test split: accuracy, tumor sensitivity and specificity, per-class sensitivity, ECE, each with its
+    count."""
+    full = counts["test"]
+    tumors = sum(n for c, n in full.items() if c != "notumor")
+    header = ["model", "accuracy", "tumor sensitivity", "tumor specificity",
+              *[f"{c} sensitivity" for c in classes], "ECE"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    n_all = sum(full.values())
+    for name, sets in evaluation.items():
+        m = sets["test"]
+        cells = [name, _figure(m["accuracy"], n_all, settings), _figure(m["tumor_sensitivity"], tumors, settings),
+                 _figure(m["tumor_specificity"], full.get("notumor", 0), settings)]
+        cells += [_figure(m[f"sensitivity_{c}"], full[c], settings) for c in classes]
+        cells.append(f"{m['ece']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def clean_table(evaluation: dict, counts: dict[str, dict[str, int]], classes: list[str],
+                settings: ReportParams) -> str:
+    clean = counts["test_clean"]
+    header = ["model", "clean accuracy", "full accuracy", "gap (points)", *[f"clean {c} sensitivity"
+                                                                           for c in classes]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, sets in evaluation.items():
+        c, f = sets["test_clean"], sets["test"]
+        cells = [name, _figure(c["accuracy"], sum(clean.values()), settings), _pct(f["accuracy"]),
+                 f"{100 * (c['accuracy'] - f['accuracy']):+.1f}"]
+        cells += [_figure(c[f"sensitivity_{k}"], clean[k], settings) if clean[k] else "no scans" for k in classes]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def external_section(external: dict[str, dict | None]) -> str:
+    if not external:
+        return "No external report configured (params report.external_reports)."
+    lines = []
+    for label, report in external.items():
+        if report is None:
+            lines += [f"- `{label}`: not run here (`braintumor evaluate-external --source DIR --name NAME`)."]
+            continue
+        counts = report["counts"]
+        lines += [f"### `{report['name']}` ({report['layout']} layout, {report['source']})", "",
+                  f"{counts['found']} files; dropped as duplicates of Kaggle images: {counts['dropped_exact']} exact, "
+                  f"{counts['dropped_near']} near; scored {counts['scored']} ({counts['scored_tumor']} tumor, "
+                  f"{counts['scored_healthy']} healthy).", "",
+                  "| model | tumor sensitivity | tumor specificity |", "|---|---|---|"]
+        for name, figures in report["metrics"].items():
+            cells = []
+            for key in ("tumor_sensitivity", "tumor_specificity"):
+                fig = figures[key]
+                if fig.get("value") is None:
+                    cells.append(fig.get("note", "n/a"))
+                    continue
+                text = f"{_pct(fig['value'])} ({fig['k']}/{fig['n']}"
+                if "ci_low" in fig:
+                    text += f"; {round(100 * fig['confidence'])}% CI {_pct(fig['ci_low'])}–{_pct(fig['ci_high'])}"
+                cells.append(text + ")")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def read_external(settings: ReportParams) -> dict[str, dict | None]:
+    return {Path(path).stem: (json.loads(Path(path).read_text()) if Path(path).exists() else None)
+            for path in settings.external_reports}
+
+
+def audit_body(params: Params) -> str:
+    """The audit report's sections, one heading level down (the page links the report itself)."""
+    path = params.paths.audit_report
+    if not path.exists():
+        return f"`{path}` not found: run `dvc repro audit`."
+    body = path.read_text().split("\n", 1)[1] if path.read_text().startswith("# ") else path.read_text()
+    return "\n".join(("#" + line) if line.startswith("## ") else line for line in body.splitlines()).replace(
+        "../docs/audit.md", "audit.md")
 
 
 def stage_times(params: Params) -> tuple[list[StageTime], list[StageTime], list[str]]:
@@ -242,14 +425,22 @@ def write_report(params: Params, commit: str) -> Path:
             shutil.copy2(params.paths.plots / "evaluation" / source, figures / source)
             plots.append(f"![{source}]({figures.relative_to(Path(settings.out).parent).as_posix()}/{source})")
 
-    checks = target_checks(evaluation, settings)
+    audit_file = params.paths.metrics / "audit.json"
+    audit = json.loads(audit_file.read_text()) if audit_file.exists() else None
+    external = read_external(settings)
+    seeds = record_seed(params, evaluation)
+    counts = class_counts(test, params.data.classes)
+    checks = target_checks(evaluation, settings, audit, external, seeds, training_seconds / 60)
     stage_lines = ["| stage | MLflow run | wall time |", "|---|---|---|"]
     stage_lines += [f"| {t.stage} | `{t.run_id}` | {t.seconds / 60:.1f} min |" for t in times]
     stage_lines.append(f"| **all trainings** | | **{training_seconds / 60:.1f} min** "
-                       f"(budget {settings.training_budget_minutes} min) |")
+                       f"(budget {settings.training_budget_minutes:g} min) |")
     stage_lines += [f"| {flow.stage} | `{flow.run_id}` | {flow.seconds / 60:.1f} min |" for flow in flows]
     versions = registered.get("versions", {})
     version_lines = [f"- `{name}` version {v} (alias `{registered.get('alias', '')}`)" for name, v in versions.items()]
+    verdict = {True: "yes", False: "**no**", None: "not measured"}
+    clean_counts = ", ".join(f"{c} {n}" for c, n in counts["test_clean"].items())
+    full_counts = ", ".join(f"{c} {n}" for c, n in counts["test"].items())
 
     text = f"""# Results: {headline(setups)}, on the full shared data set
 
@@ -260,25 +451,51 @@ Do not edit by hand: re-run the profile, then `braintumor report`._
   `git_commit` tags; `dvc.lock` holds the hash of every stage's code); page written at `{commit}`
 - **Data:** DVC hash of `{params.paths.raw}` `{data_hash(params.paths.raw.with_name(params.paths.raw.name + '.dvc'))}`
 {chr(10).join(hardware_lines(setups))}
-- **Page written on:** {platform.machine()}, {_cpu_count()} cores
-- **Test sets:** official test {len(test)} images; clean test {int(test.clean.sum())} images (no near-duplicate
-  in the official Training folder, see `docs/near-duplicates.md`)
+- **Page written on:** {platform.machine()}, {_cpu_count()} cores; seed {params.seed}
+- **Test sets:** the full official test split, {len(test)} scans ({full_counts}), is the headline: the split stage
+  removed every exact and near twin of its images from training. Its clean subset, {int(test.clean.sum())} scans
+  ({clean_counts}), has no near duplicate even in the official Training folder; it checks for residual leakage,
+  and its healthy class is too small to carry a headline (`docs/near-duplicates.md`).
+- **Counts:** every figure shows its count; those resting on fewer than {settings.interval_below} scans also show a
+  {round(100 * settings.confidence)}% Wilson interval.
+
+## Targets
+
+| target | met | value |
+|---|---|---|
+""" + "\n".join(f"| {what} | {verdict[met]} | {value} |" for what, met, value in checks) + f"""
+
+## Full test split ({len(test)} scans)
+
+Tumor sensitivity: share of glioma, meningioma and pituitary scans not called `notumor`; specificity: share of
+`notumor` scans called `notumor`.
+
+{headline_table(evaluation, counts, params.data.classes, settings)}
+
+## Clean subset ({int(test.clean.sum())} scans: {clean_counts})
+
+{clean_table(evaluation, counts, params.data.classes, settings)}
+
+## Shortcut audit
+
+From [`{params.paths.audit_report}`](../{params.paths.audit_report.as_posix()}); method and its check in
+[audit.md](audit.md).
+
+{audit_body(params)}
+
+## External scans (another collection)
+
+{external_section(external)}
+
+## Seeds
+
+Full-test accuracy of every run kept in `{settings.seeds_dir}` (this run: seed {params.seed}).
+
+{seeds_table(seeds)}
 
 ## Profile
 
 {profile_table(params, setups)}
-
-## Comparison on both test sets
-
-Tumor sensitivity: share of glioma, meningioma and pituitary scans not called `notumor`.
-
-{comparison_table(evaluation, params.data.classes)}
-
-## Targets (clean test)
-
-| target | met | value |
-|---|---|---|
-""" + "\n".join(f"| {what} | {'yes' if met else '**no**'} | {value} |" for what, met, value in checks) + f"""
 
 ## Wall time
 
@@ -296,9 +513,9 @@ Registered by run `{registered.get('run_id', 'n/a')}`:
 
 ## Reproducing
 
-`dvc repro` (or `braintumor flow train`) on this commit and data, then `braintumor report`. Training is seeded but
-not bit-exact (`train.deterministic: false`; multi-threaded CPU kernels), and FLAML searches for a fixed time, so
-a re-run is expected within {_pct(settings.tolerance)} accuracy of each row above, not identical.
+`dvc repro` (or `braintumor flow train`) on this commit and data, then `braintumor report`; a second seed with
+`braintumor flow train -S seed=43`. Training is seeded but not bit-exact (`train.deterministic: false`:
+multi-threaded CPU kernels), and FLAML searches for a fixed time; the seed table above is the measured spread.
 """
     out = Path(settings.out)
     out.parent.mkdir(parents=True, exist_ok=True)

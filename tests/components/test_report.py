@@ -1,21 +1,27 @@
 import json
 
-from components.report import comparison_table, target_checks, write_report
+from components.report import comparison_table, seed_spreads, target_checks, write_report
 from tests.conftest import TRAINED_EXTRA, tiny_params
 
 
 def test_report_is_written_from_the_run_outputs(in_trained, tmp_path):
     params = tiny_params(in_trained, TRAINED_EXTRA + [f"report.out={tmp_path}/results.md",
-                                                      f"report.figures={tmp_path}/results"])
+                                                      f"report.figures={tmp_path}/results",
+                                                      f"report.seeds_dir={tmp_path}/seeds"])
     out = write_report(params, commit="abc1234")
     text = out.read_text()
     evaluation = json.loads((params.paths.metrics / "evaluation.json").read_text())
+    test_size = sum(1 for _ in open(params.paths.splits / "test.csv")) - 1
 
+    full = text.split("## Full test split", 1)[1].split("## Clean subset", 1)[0]
+    clean = text.split("## Clean subset", 1)[1].split("## Shortcut audit", 1)[0]
     for name, sets in evaluation.items():
-        comparison = text.split("## Comparison", 1)[1].split("## Targets", 1)[0]
-        row = next(line for line in comparison.splitlines() if line.startswith(f"| {name} |"))
-        assert f"{100 * sets['test']['accuracy']:.1f}%" in row
-        assert f"{100 * sets['test_clean']['accuracy']:.1f}%" in row
+        row = next(line for line in full.splitlines() if line.startswith(f"| {name} |"))
+        k = round(sets["test"]["accuracy"] * test_size)
+        assert f"{100 * sets['test']['accuracy']:.1f}% ({k}/{test_size}" in row
+        assert "CI" in row, "a tiny test split: every figure gets its interval"
+        row = next(line for line in clean.splitlines() if line.startswith(f"| {name} |"))
+        assert row.split(" | ")[1].startswith(f"{100 * sets['test_clean']['accuracy']:.1f}%")
     for stage in ["train@" + m for m in params.stack.models] + ["stack", "evaluate", "register"]:
         assert f"| {stage} | `" in text, f"no wall time for {stage}"
     registered = json.loads((in_trained / "reports" / "registered.json").read_text())
@@ -23,18 +29,41 @@ def test_report_is_written_from_the_run_outputs(in_trained, tmp_path):
     assert "page written at `abc1234`" in text and "trained at git commit `" in text
     assert (tmp_path / "results" / "confusion_stack.png").stat().st_size > 0
     assert "](results/confusion_stack.png)" in text
+    assert "### Style alone predicts the label" in text, "the audit's tables are on the page"
+    assert "`external-dev`: not run here" in text
+    assert json.loads((tmp_path / "seeds" / f"{params.seed}.json").read_text()) == evaluation
+    assert "| stack: seeds within" in text and "one seed so far" in text
 
 
-def test_targets_compare_the_stack_with_the_best_model_and_soft_vote(params):
-    def sets(accuracy):
-        return {"test_clean": {"accuracy": accuracy}}
+def full(accuracy, sensitivity=0.995, specificity=0.98, ece=0.02, clean=None):
+    metrics = {"accuracy": accuracy, "tumor_sensitivity": sensitivity, "tumor_specificity": specificity, "ece": ece}
+    return {"test": metrics, "test_clean": {**metrics, "accuracy": accuracy if clean is None else clean}}
 
-    evaluation = {"custom_cnn": sets(0.96), "mobilenetv2": sets(0.90), "soft_vote": sets(0.97), "stack": sets(0.95)}
-    checks = {what: met for what, met, _ in target_checks(evaluation, params.report)}
-    assert checks["custom_cnn >= 95.0%"] and not checks["mobilenetv2 >= 95.0%"]
-    assert not checks["stack >= 99.0%"]
-    assert not checks["stack above the best single model (custom_cnn)"]
-    assert not checks["stack above soft voting"]
+
+def test_targets_are_judged_on_the_full_split_with_the_audit_external_and_seeds(params):
+    evaluation = {"custom_cnn": full(0.93), "mobilenetv2": full(0.90), "soft_vote": full(0.98),
+                  "stack": full(0.975, specificity=0.96, ece=0.05, clean=0.99)}
+    audit = {"counter_shortcut_gaps": {"stack": {"overall": 0.99, "counter_shortcut": 0.90, "gap_points": 9.0,
+                                                 "n": 40}}}
+    external = {"external-dev": {"metrics": {"stack": {"tumor_sensitivity": {"value": 0.95, "k": 19, "n": 20}}}},
+                "held-back": None}
+    seeds = {42: evaluation, 43: {**evaluation, "custom_cnn": full(0.91), "stack": full(0.972)}}
+    checks = {what: met for what, met, _ in target_checks(evaluation, params.report, audit, external, seeds, 95.0)}
+    assert checks["custom_cnn >= 92.0%"] and not checks["mobilenetv2 >= 92.0%"]
+    assert checks["stack >= 97.0%"] and not checks["stack above soft voting"]
+    assert not checks["stack tumor sensitivity >= 99.0% at specificity >= 97.0%"], "specificity 96% is short"
+    assert not checks["stack ECE <= 0.03"]
+    assert checks["stack clean subset within 2.0 points of the full split"] is True  # 1.5 points
+    assert not checks["stack: T2-like tumors within 5.0 points of all tumors"]
+    assert checks["external `external-dev`: stack tumor sensitivity >= 90.0%"]
+    assert checks["external `held-back`: stack tumor sensitivity >= 90.0%"] is None, "not run is not met"
+    assert not checks["custom_cnn: seeds within 1.5 points"] and checks["stack: seeds within 1.0 points"]
+    assert not checks["all trainings <= 90 min"]
+
+
+def test_seed_spread_is_max_minus_min_and_undefined_for_one_seed():
+    spreads = seed_spreads({1: {"a": full(0.90), "b": full(0.5)}, 2: {"a": full(0.93)}, 3: {"a": full(0.91)}})
+    assert abs(spreads["a"] - 0.03) < 1e-9 and spreads["b"] is None
 
 
 def test_comparison_table_has_one_row_per_model_and_a_column_per_class(params):
