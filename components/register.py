@@ -122,9 +122,9 @@ def example_frame(params: Params) -> pd.DataFrame:
 
 def ensemble_artifacts(params: Params, meta_dir: Path | None = None) -> dict[str, str]:
     """The EnsembleModel's artifacts from the workspace's trained models: one `<name>` per base model
-    (models/<name>/model.keras), `stacker` (models/stacker/stacker.pkl) and `meta` (classes, models, serve limits),
-    which is written to `meta_dir` (default: a new temporary folder). What `register` logs, and what
-    `evaluate-external` loads without a registry."""
+    (models/<name>/model.keras), `stacker` (models/stacker/stacker.pkl), `reference` (the folder paths.reference)
+    and `meta` (classes, models, serve limits), which is written to `meta_dir` (default: a new temporary folder).
+    What `register` logs, and what `evaluate-external` loads without a registry."""
     folder = params.paths.models / "stacker"
     # Written outside models/stacker/, which is the stack stage's DVC output; MLflow copies it into the model.
     meta_path = Path(meta_dir or tempfile.mkdtemp(prefix="ensemble-")) / "ensemble_meta.json"
@@ -134,7 +134,10 @@ def ensemble_artifacts(params: Params, meta_dir: Path | None = None) -> dict[str
                                      "preprocess": params.data.preprocess.model_dump(mode="json"),
                                      **params.serve.model_dump()}) + "\n")
     artifacts = {name: str(params.paths.models / name / "model.keras") for name in params.stack.models}
-    return artifacts | {"stacker": str(folder / "stacker.pkl"), "meta": str(meta_path)}
+    # The reference profile of the training data (components.reference) travels with the version too: monitoring
+    # a registered version compares incoming scans with the data it was trained on.
+    return artifacts | {"stacker": str(folder / "stacker.pkl"), "meta": str(meta_path),
+                        "reference": str(params.paths.reference)}
 
 
 def log_ensemble(params: Params):

@@ -79,6 +79,19 @@ def stale_stages(names: list[str], root: Path | str) -> list[str]:
         return [name for name in names if repo.status(targets=[name])]
 
 
+def changed_dependencies(root: Path | str) -> dict[str, list[str]]:
+    """{stage: the dependencies `dvc status` reports changed since its last run (paths as dvc.yaml writes them)},
+    for every stage with one; e.g. {"manifest": ["data/raw"]} once `data import --append` added scans."""
+    with _repo(root) as repo:
+        status = repo.status()
+    changed: dict[str, list[str]] = {}
+    for name, entries in status.items():
+        for entry in entries:
+            if isinstance(entry, dict) and entry.get("changed deps"):
+                changed.setdefault(name, []).extend(entry["changed deps"])
+    return changed
+
+
 def _fingerprints(repo, name: str) -> dict[str, str]:
     from dvc.dependency.param import ParamsDependency
 

@@ -1,7 +1,8 @@
 """`batch_predict`: score a folder of new scans with the champion ensemble.
 
 New files go through the same row-level GX checks as training data: unusable files are quarantined and listed,
-never scored and never fatal.
+never scored and never fatal. With params monitor.after_batch_predict the flow ends by monitoring the batch with the
+same model (flows.monitoring.monitor_batch: drift report, and retraining on evidence).
 """
 
 from __future__ import annotations
@@ -74,5 +75,10 @@ def batch_predict(folder: str, model_uri: str = DEFAULT_MODEL_URI, params_path: 
         create_table_artifact(table.to_dict(orient="records"), key="batch-predictions",
                               description=f"{len(table)} scans from {source} scored with {model_uri}")
     logger.info("scored %d scans, quarantined %d; wrote %s", len(predictions), len(quarantine), out_dir)
+    monitoring = None
+    if params.monitor.after_batch_predict and not predictions.empty:
+        from flows.monitoring import monitor_batch  # its report, MLflow run, event and retraining: flows/monitoring.py
+
+        monitoring = monitor_batch(str(source), model_uri, params_path)
     return {"scored": len(predictions), "quarantined": quarantine.to_dict(orient="records"),
-            "predictions": str(out_dir / "predictions.csv")}
+            "predictions": str(out_dir / "predictions.csv"), "monitoring": monitoring}

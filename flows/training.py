@@ -212,11 +212,30 @@ def tracking_ui_link(name: str, version: str | int) -> str:
     return f"{base}/#/models/{name}/versions/{version}"
 
 
+def trigger_tags(trigger: dict | None) -> dict[str, str]:
+    """`trigger.<key>` tags (nested keys joined by dots) of what made a run start, e.g. the monitoring flow's
+    evidence (flows.monitoring); {} for a run started by hand or on schedule."""
+    if not trigger:
+        return {}
+    return {key: str(value)[:5000] for key, value in tracking.flatten("trigger", trigger).items()}
+
+
+def trigger_markdown(trigger: dict | None) -> str:
+    if not trigger:
+        return ""
+    lines = ["", f"## Triggered by: {trigger.get('reason', 'unknown')}", ""]
+    lines += [f"- {key.removeprefix('trigger.')}: `{value}`" for key, value in trigger_tags(trigger).items()
+              if key != "trigger.reason"]
+    return "\n".join(lines) + "\n"
+
+
 @flow(name="train_pipeline", log_prints=True)
 def train_pipeline(params_path: str = "params.yaml", params_overrides: list[str] | None = None,
-                   promote_champion: bool | None = None) -> dict:
+                   promote_champion: bool | None = None, trigger: dict | None = None) -> dict:
     """Every dvc.yaml stage (validate, split, the trainings in parallel, stack, evaluate, register), then
-    optionally the gated promotion."""
+    optionally the gated promotion. `trigger` is the evidence that started the run (flows.monitoring: the report and
+    the drift metrics, or the stages new data made stale): tags `trigger.*` on the MLflow parent run and a section of
+    the summary artifact."""
     root = Path(params_path).resolve().parent
     logger = get_run_logger()
     with run_lock(load_params(params_path).flow.lock_timeout, root):
@@ -228,7 +247,8 @@ def train_pipeline(params_path: str = "params.yaml", params_overrides: list[str]
         client = mlflow.MlflowClient()
         parent = client.create_run(mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id,
                                    run_name="train_pipeline", tags={**tracking.provenance(params),
-                                                                    "prefect_flow_run_id": flow_run_id})
+                                                                    "prefect_flow_run_id": flow_run_id,
+                                                                    **trigger_tags(trigger)})
         # Stage runs nest under the parent run; the store is passed on explicitly (MLflow exports its own).
         env = {**os.environ, tracking.PARENT_RUN_ENV: parent.info.run_id, tracking.FLOW_RUN_ENV: flow_run_id,
                "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
@@ -238,13 +258,13 @@ def train_pipeline(params_path: str = "params.yaml", params_overrides: list[str]
             promotion = None
             if (params.flow.promote if promote_champion is None else promote_champion) and "register" in ran:
                 promotion = promote(root, env, params.flow.log_tail_lines)
-            summary = summary_markdown(params)
+            summary = summary_markdown(params) + trigger_markdown(trigger)
             create_markdown_artifact(summary, key="train-pipeline-summary", description="models on both test sets")
             client.log_text(parent.info.run_id, summary, "summary.md")
             status = "FINISHED"
             logger.info("stages run: %s", ", ".join(ran) or "none (everything up to date)")
             return {"ran": ran, "skipped": skipped, "mlflow_parent_run_id": parent.info.run_id,
-                    "promotion": promotion}
+                    "promotion": promotion, "prefect_flow_run_id": flow_run_id}
         finally:
             client.set_terminated(parent.info.run_id, status)
 

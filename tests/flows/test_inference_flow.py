@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -25,6 +26,11 @@ def test_batch_predict_scores_good_scans_and_quarantines_bad_ones(prefect_harnes
     predictions = pd.read_csv(result["predictions"])
     assert len(predictions) == 3 and predictions.predicted_class.notna().all()
     assert (incoming / "broken.jpg").exists(), "quarantined files are never deleted"
+    # monitor.after_batch_predict: the batch is monitored with the same model; 3 scans are too few for a verdict.
+    monitoring = result["monitoring"]["summary"]
+    assert monitoring["metrics"]["scans"] == 3 and monitoring["metrics"]["quarantined"] == 2
+    assert not monitoring["verdict"] and result["monitoring"]["retrain"] is None
+    assert Path(monitoring["report"]).exists()
 
 
 def test_batch_predict_refuses_folders_outside_its_root(prefect_harness, in_trained, tmp_path):

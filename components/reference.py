@@ -1,0 +1,182 @@
+"""What "in distribution" looks like, recorded at training time (`braintumor reference`, DVC stage `reference`).
+
+The profile is a folder (params paths.reference) that the monitor (components.monitor) compares every incoming
+batch with, and that `register` logs with the ensemble (artifact `reference`), so a registered version carries the
+profile of the data it was trained on:
+
+- embeddings.parquet: the embedding of every training image: the pooled features (the layer named "pool", which
+  every model of components.models has) of the base model params monitor.embedding_model;
+- style.parquet: the acquisition-style features (components.style) of every training image;
+- val_distances.parquet: each val image's distance to the training data (below);
+- reference.json: the embedding model and the decoding it was fed (image size, params data.preprocess), the
+  predicted class mix of the stack on val (predictions/stack/val.parquet), and the out-of-distribution threshold.
+
+A scan's distance to the training data is the mean Euclidean distance of its embedding to its monitor.ood_neighbours
+nearest training embeddings (scikit-learn NearestNeighbors). Val images are not trained on, so their distances are
+those of new scans drawn like the training data; the threshold is their monitor.ood_percentile percentile. Images
+are decoded exactly as training decodes them (components.images.load_rgb with params data.preprocess).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components.config import Params, Preprocess, ProjectError
+from components.images import load_rgb
+from components.style import STYLE_FEATURES, style_frame
+
+log = logging.getLogger(__name__)
+
+POOL_LAYER = "pool"
+EMBEDDINGS, STYLE, VAL_DISTANCES, META = "embeddings.parquet", "style.parquet", "val_distances.parquet", \
+    "reference.json"
+EMBEDDING_PREFIX = "e"
+
+
+def embedding_extractor(model):
+    """A Keras model from `model`'s inputs to its pooled features (the layer named "pool")."""
+    import keras
+
+    try:
+        pool = model.get_layer(POOL_LAYER)
+    except ValueError:
+        raise ProjectError(f"model {model.name} has no layer named {POOL_LAYER!r} (every model of components.models "
+                           "has one); pass a model built by this project as monitor.embedding_model") from None
+    return keras.Model(model.inputs, pool.output)
+
+
+def embed(extractor, paths: list[str], preprocess: Preprocess, batch_size: int) -> np.ndarray:
+    """(len(paths), features) float32 embeddings; every image decoded by load_rgb at the extractor's input size."""
+    size = int(extractor.input_shape[1])
+    parts = []
+    for start in range(0, len(paths), batch_size):
+        batch = np.stack([load_rgb(path, size, preprocess) for path in paths[start:start + batch_size]])
+        parts.append(np.asarray(extractor.predict_on_batch(batch.astype(np.float32)), dtype=np.float32))
+    if not parts:
+        return np.zeros((0, int(extractor.output_shape[-1])), dtype=np.float32)
+    return np.concatenate(parts).reshape(len(paths), -1)
+
+
+def neighbour_distance(training: np.ndarray, query: np.ndarray, neighbours: int) -> np.ndarray:
+    """Per query row, the mean Euclidean distance to its `neighbours` nearest rows of `training`."""
+    from sklearn.neighbors import NearestNeighbors
+
+    if len(query) == 0:
+        return np.zeros(0)
+    index = NearestNeighbors(n_neighbors=min(neighbours, len(training))).fit(training)
+    distances, _ = index.kneighbors(query)
+    return distances.mean(axis=1)
+
+
+def embedding_columns(width: int) -> list[str]:
+    return [f"{EMBEDDING_PREFIX}{i:04d}" for i in range(width)]
+
+
+@dataclass(frozen=True)
+class Reference:
+    folder: Path
+    meta: dict
+    embeddings: np.ndarray  # (training images, features)
+    style: pd.DataFrame  # path + STYLE_FEATURES of the training images that decoded
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(**self.meta["preprocess"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["ood_threshold"])
+
+
+def load_reference(folder: Path | str) -> Reference:
+    folder = Path(folder)
+    missing = [name for name in (META, EMBEDDINGS, STYLE) if not (folder / name).exists()]
+    if missing:
+        raise ProjectError(f"{folder} holds no reference profile (missing {', '.join(missing)}): run `dvc repro "
+                           "reference` (or `dvc pull`), or pass a --model-uri of an ensemble registered with one")
+    meta = json.loads((folder / META).read_text())
+    frame = pd.read_parquet(folder / EMBEDDINGS)
+    embeddings = frame[[c for c in frame.columns if c.startswith(EMBEDDING_PREFIX)]].to_numpy(dtype=np.float32)
+    return Reference(folder, meta, embeddings, pd.read_parquet(folder / STYLE))
+
+
+def predicted_counts(predictions: pd.DataFrame, classes: list[str]) -> dict[str, int]:
+    """How many rows each class wins (highest `prob_<class>`), every class listed."""
+    from components.metrics import probability_columns
+
+    winners = np.asarray(classes)[predictions[probability_columns(classes)].to_numpy().argmax(axis=1)]
+    return {c: int((winners == c).sum()) for c in classes}
+
+
+def build_reference(params: Params) -> dict:
+    """Write the profile (see the module docstring) to params paths.reference; returns its summary."""
+    import keras
+
+    monitor, paths = params.monitor, params.paths
+    name = monitor.embedding_model
+    if name not in params.stack.models:
+        raise ProjectError(f"params monitor.embedding_model = {name!r} is not one of stack.models "
+                           f"({', '.join(params.stack.models)}): the registered ensemble only carries those; pick one")
+    model_path = paths.models / name / "model.keras"
+    val_predictions = paths.predictions / "stack" / "val.parquet"
+    for needed, stage in ((model_path, f"train@{name}"), (val_predictions, "stack"),
+                          (paths.splits / "train.csv", "split")):
+        if not needed.exists():
+            raise ProjectError(f"{needed} not found: run `dvc repro {stage}` (or `dvc pull`) first")
+    train = pd.read_csv(paths.splits / "train.csv")
+    val = pd.read_csv(paths.splits / "val.csv")
+    extractor = embedding_extractor(keras.models.load_model(model_path))
+    batch = params.train.eval_batch_size
+    preprocess = params.data.preprocess
+    train_embeddings = embed(extractor, train.path.tolist(), preprocess, batch)
+    val_embeddings = embed(extractor, val.path.tolist(), preprocess, batch)
+    distances = neighbour_distance(train_embeddings, val_embeddings, monitor.ood_neighbours)
+    if len(distances) == 0:
+        raise ProjectError(f"{paths.splits / 'val.csv'} holds no images: the OOD threshold is a percentile of val "
+                           "images' distances; raise split.val_fraction")
+    threshold = float(np.percentile(distances, monitor.ood_percentile))
+    style = style_frame(train.path.tolist(), params.manifest.workers)
+    unreadable = style[style.error.notna()]
+    if len(unreadable):
+        log.warning("%d training images have no style features (left out): %s", len(unreadable),
+                    "; ".join(f"{r.path}: {r.error}" for r in unreadable.head(5).itertuples()))
+    counts = predicted_counts(pd.read_parquet(val_predictions), params.data.classes)
+    total = max(sum(counts.values()), 1)
+    meta = {
+        "embedding_model": name,
+        "pool_layer": POOL_LAYER,
+        "image_size": int(extractor.input_shape[1]),
+        "embedding_width": int(train_embeddings.shape[1]),
+        "preprocess": preprocess.model_dump(mode="json"),
+        "neighbours": monitor.ood_neighbours,
+        "ood_percentile": monitor.ood_percentile,
+        "ood_threshold": threshold,
+        "val_distance": {"median": float(np.median(distances)), "max": float(distances.max())},
+        "training_images": len(train),
+        "val_images": len(val),
+        "classes": params.data.classes,
+        "class_counts": counts,
+        "class_mix": {c: n / total for c, n in counts.items()},
+        "class_mix_from": str(val_predictions),
+        "style_features": STYLE_FEATURES,
+    }
+    out = paths.reference
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    columns = embedding_columns(train_embeddings.shape[1])
+    pd.concat([train[["path", "label"]].reset_index(drop=True),
+               pd.DataFrame(train_embeddings, columns=columns)], axis=1).to_parquet(out / EMBEDDINGS, index=False)
+    style[style.error.isna()].drop(columns="error").reset_index(drop=True).to_parquet(out / STYLE, index=False)
+    pd.DataFrame({"path": val.path, "label": val.label, "distance": distances}).to_parquet(out / VAL_DISTANCES,
+                                                                                       index=False)
+    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return {"out": str(out), "embedding_model": name, "training_images": len(train), "val_images": len(val),
+            "ood_threshold": threshold, "class_mix": meta["class_mix"]}

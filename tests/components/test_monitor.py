@@ -1,0 +1,141 @@
+"""The reference profile (components.reference, the `reference` stage the session's trained workspace ran) and the
+drift monitor (components.monitor) on the tiny trained workspace: a batch drawn like the training data passes, a
+contrast-inverted (T2-like) one drifts and its out-of-distribution files are named."""
+
+import json
+import os
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from components import tracking
+from components.monitor import class_mix_shift, load_model, monitor_paths
+from components.reference import embedding_extractor, load_reference
+from components.style import STYLE_FEATURES
+from tests.batches import TINY_THRESHOLDS, write_batch
+from tests.conftest import TRAINED_EXTRA, tiny_params
+
+NO_QUARANTINE = pd.DataFrame(columns=["path", "label", "reason"])
+
+
+@pytest.fixture(scope="module")
+def monitored(trained_workspace):
+    """The workspace's ensemble loaded once, and the monitor's summaries of three batches under data/incoming:
+    `like` (24 scans drawn like the training data), `shifted` (24, of which 20 contrast-inverted) and `few` (3)."""
+    previous = os.getcwd()
+    os.chdir(trained_workspace)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        params = tiny_params(trained_workspace, TRAINED_EXTRA + TINY_THRESHOLDS)
+        loaded = load_model(params, None)
+        out = {"params": params}
+        for name, count, inverted, seed in (("like", 24, 0, 101), ("shifted", 24, 20, 202), ("few", 3, 0, 303)):
+            folder = trained_workspace / "data" / "incoming" / f"monitor-{name}"
+            normal, flipped = write_batch(folder, count, seed, inverted)
+            paths = sorted(str(folder / f) for f in normal + flipped)
+            summary = monitor_paths(params, folder, paths, NO_QUARANTINE,
+                                    trained_workspace / "reports" / "monitoring" / name, loaded=loaded)
+            out[name] = {"summary": summary, "normal": normal, "inverted": flipped}
+        return out
+    finally:
+        os.chdir(previous)
+
+
+def test_the_reference_embeds_every_training_image_as_training_decodes_it(in_trained):
+    from components.dataset import make_dataset
+
+    import keras
+
+    params = tiny_params(in_trained, TRAINED_EXTRA)
+    reference = load_reference(params.paths.reference)
+    train = pd.read_csv(params.paths.splits / "train.csv")
+    stored = pd.read_parquet(params.paths.reference / "embeddings.parquet")
+    assert stored.path.tolist() == train.path.tolist() and len(reference.embeddings) == len(train)
+    name = reference.meta["embedding_model"]
+    model = keras.models.load_model(params.paths.models / name / "model.keras")
+    assert reference.embeddings.shape[1] == model.get_layer("pool").output.shape[-1]
+    # The training input pipeline's own decoding of the first rows, through the model's pooled layer.
+    rows = train.head(8)
+    images, _ = next(iter(make_dataset(rows, params.data, params.model(name), params.train, training=False,
+                                       seed=params.seed, batch_size=len(rows))))
+    expected = np.asarray(embedding_extractor(model).predict_on_batch(images))
+    np.testing.assert_allclose(reference.embeddings[:len(rows)], expected, rtol=1e-4, atol=1e-6)
+    assert set(STYLE_FEATURES) <= set(reference.style.columns) and set(reference.style.path) == set(train.path)
+
+
+def test_the_reference_records_the_val_class_mix_and_an_ood_threshold_from_val_distances(in_trained):
+    params = tiny_params(in_trained, TRAINED_EXTRA)
+    reference = load_reference(params.paths.reference)
+    val = pd.read_parquet(params.paths.predictions / "stack" / "val.parquet")
+    winners = val[[f"prob_{c}" for c in params.data.classes]].idxmax(axis=1).str.removeprefix("prob_")
+    shares = winners.value_counts(normalize=True).reindex(params.data.classes, fill_value=0.0)
+    assert reference.meta["class_mix"] == pytest.approx(shares.to_dict())
+    distances = pd.read_parquet(params.paths.reference / "val_distances.parquet")
+    assert sorted(distances.path) == sorted(pd.read_csv(params.paths.splits / "val.csv").path)
+    above = (distances.distance > reference.threshold).mean()
+    assert above <= 1 - reference.meta["ood_percentile"] / 100 + 1 / len(distances)
+    assert distances.distance.median() <= reference.threshold <= distances.distance.max()
+
+
+def test_a_batch_drawn_like_the_training_data_does_not_trigger(monitored):
+    summary = monitored["like"]["summary"]
+    assert summary["verdict"], "24 scans are enough for a verdict"
+    assert not summary["drift"] and summary["reasons"] == [], summary["checks"]
+    assert len(summary["checks"]) == 4 and not any(check["drift"] for check in summary["checks"])
+    scans = pd.read_csv(summary["out_dir"] + "/scans.csv")
+    assert sorted(scans.file) == sorted(monitored["like"]["normal"])
+
+
+def test_an_inverted_batch_triggers_and_names_its_out_of_distribution_files(monitored):
+    summary, like = monitored["shifted"]["summary"], monitored["like"]["summary"]
+    assert summary["drift"] and {"OOD share", "style drift"} <= set(summary["reasons"]), summary["checks"]
+    ood = {row["file"] for row in summary["ood_files"]}
+    assert set(monitored["shifted"]["inverted"]) <= ood, "every inverted scan is named"
+    assert len(ood & set(monitored["shifted"]["normal"])) < len(monitored["shifted"]["normal"]), \
+        "scans drawn like the training data are not all called OOD"
+    # An inversion moves the intensity statistics of the head, which components.style measures.
+    assert {"inner_median", "inner_to_rim", "rim_p95", "inner_skew"} & set(summary["style_drifted"])
+    assert summary["metrics"]["embedding_drift_score"] > like["metrics"]["embedding_drift_score"]
+    assert summary["metrics"]["ood_share"] > like["metrics"]["ood_share"]
+
+
+def test_the_report_and_the_mlflow_run_hold_the_verdict_and_name_the_champion(monitored, in_trained):
+    summary = monitored["shifted"]["summary"]
+    out = summary["out_dir"]
+    page = open(f"{out}/index.html").read()
+    assert "Drift:" in page and all(f"<code>{f}</code>" in page for f in monitored["shifted"]["inverted"])
+    assert "Drift in embeddings" in open(f"{out}/drift.html").read(), "Evidently's own report"
+    assert json.loads(open(f"{out}/summary.json").read())["reasons"] == summary["reasons"]
+    tracking.configure(monitored["params"].tracking)
+    run = mlflow.get_run(summary["mlflow_run_id"])
+    assert run.data.metrics["ood_share"] == pytest.approx(summary["metrics"]["ood_share"])
+    assert run.data.metrics["embedding_drift_score"] == pytest.approx(summary["metrics"]["embedding_drift_score"])
+    assert run.data.tags["drift"] == "true" and run.data.tags["drift_reasons"] == ", ".join(summary["reasons"])
+    champion = run.data.tags["champion_version"]
+    client = mlflow.MlflowClient()
+    try:
+        expected = str(client.get_model_version_by_alias(run.data.tags["registered_model"], "champion").version)
+    except mlflow.exceptions.MlflowException:
+        expected = "none"
+    assert champion == expected
+    listed = {item.path for item in client.list_artifacts(run.info.run_id, "monitoring")}
+    assert {"monitoring/index.html", "monitoring/drift.html", "monitoring/scans.csv"} <= listed
+
+
+def test_a_batch_below_min_scans_lists_its_scans_but_gives_no_verdict(monitored):
+    summary = monitored["few"]["summary"]
+    assert not summary["verdict"] and not summary["drift"] and summary["checks"] == []
+    assert "monitor.min_scans" in summary["why_no_verdict"] and summary["metrics"]["scans"] == 3
+
+
+def test_class_mix_shift_is_a_total_variation_distance_tested_against_sampling_noise():
+    reference = {"glioma": 40, "meningioma": 30, "notumor": 20, "pituitary": 10}
+    same = class_mix_shift(reference, {"glioma": 4, "meningioma": 3, "notumor": 2, "pituitary": 1})
+    assert same["distance"] == pytest.approx(0.0) and same["p_value"] > 0.5
+    healthy = class_mix_shift(reference, {"glioma": 5, "meningioma": 5, "notumor": 80, "pituitary": 10})
+    assert healthy["distance"] == pytest.approx(0.6) and healthy["p_value"] < 1e-6
+    # A shift as large in 5 scans is far weaker evidence: the distance alone would not tell them apart.
+    small = class_mix_shift(reference, {"glioma": 0, "meningioma": 0, "notumor": 4, "pituitary": 1})
+    assert small["distance"] > healthy["distance"] and small["p_value"] > 1e3 * healthy["p_value"]
