@@ -227,13 +227,13 @@ def test_written_page_states_the_device_and_weights_that_ran(params, tmp_path, m
               for name in params.stack.models]
     monkeypatch.setattr(report, "stage_times", lambda _params: ([], [], ["abc1234"]))
     monkeypatch.setattr(report, "training_setups", lambda _params: setups)
-    metrics = {"accuracy": 0.9, "macro_f1": 0.9, "tumor_sensitivity": 0.9, "ece": 0.05,
+    metrics = {"accuracy": 0.9, "macro_f1": 0.9, "tumor_sensitivity": 0.9, "tumor_specificity": 0.9, "ece": 0.05,
                **{f"sensitivity_{c}": 0.9 for c in params.data.classes}}
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "evaluation.json").write_text(json.dumps(
         {name: {"test": metrics, "test_clean": metrics} for name in [*params.stack.models, "stack"]}))
     (tmp_path / "splits").mkdir()
-    pd.DataFrame({"path": ["a", "b"], "clean": [True, False]}).to_csv(tmp_path / "splits" / "test.csv", index=False)
+    pd.DataFrame({"path": ["a", "b"], "label": ["glioma", "notumor"], "clean": [True, False]}).to_csv(tmp_path / "splits" / "test.csv", index=False)
     local = load_params(ROOT / "params.yaml", ["paths.metrics=metrics", "paths.splits=splits", "paths.plots=plots",
                                                "paths.models=models", "report.out=docs/results.md",
                                                "report.figures=docs/results"])

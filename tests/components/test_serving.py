@@ -74,11 +74,14 @@ def registered(tmp_path_factory):
                          ).save(work / "models" / name / "model.keras")
     params = load_params(ROOT / "params.yaml", [
         f"paths.models={work / 'models'}", f"paths.splits={work / 'splits'}", f"stack.models={list(SIZES)}",
+        f"paths.reference={work / 'models' / 'reference'}",
         f"serve.max_rows={MAX_ROWS}", f"serve.max_image_bytes={MAX_BYTES}", f"serve.max_image_pixels={MAX_PIXELS}"])
     probabilities = {name: rng.dirichlet(np.ones(len(CLASSES)), 40) for name in SIZES}
     features = stack_features(probabilities, params.stack)
     automl = LogisticRegression(max_iter=200).fit(features, np.arange(40) % len(CLASSES))
     Stacker(automl, list(SIZES), CLASSES, params.stack).save(work / "models" / "stacker")
+    (work / "models" / "reference").mkdir()  # the monitor's reference profile travels with the version
+    (work / "models" / "reference" / "reference.json").write_text("{}\n")
 
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
