@@ -418,6 +418,8 @@ def test_artifact_store_full_during_register_leaves_no_version_on_a_partial_mode
     (tmp_path / "metrics" / "evaluation.json").write_text("{}\n")
     folder = tmp_path / "models" / "custom_cnn"
     folder.mkdir(parents=True)
+    (tmp_path / "models" / "reference").mkdir()  # paths.reference (relative: cwd), logged with the ensemble
+    (tmp_path / "models" / "reference" / "reference.json").write_text("{}\n")
     model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(),
                               keras.layers.Dense(len(CLASSES), "softmax")])
     model.save(folder / "model.keras")
