@@ -1,19 +1,15 @@
 """Shortcut audit (`braintumor audit`): what in this data set besides the tumor predicts the label, and how every
 model does on the scans that contradict it.
 
-1. Every readable scan's acquisition style, from its pixels and file alone (components.style), written to
-   paths.style for the drift monitor too.
-2. Its MRI weighting, T1-like or T2-like: a logistic regression on the weighting features, fitted on the
-   hand-labelled scans of audit.hand_labels (weighting labels, never tumor labels). Its agreement with the hand
-   labels is measured out of fold and reported. With fewer than audit.min_hand_labels of them in the data (a toy
-   data set), the documented one-feature rule inner_to_rim > audit.t2_ratio takes its place, and the report says so.
-3. The label x style tables, and how well style alone predicts the label: a gradient-boosted classifier on the
+1. Every readable scan's acquisition style and MRI weighting, T1-like or T2-like, as the `style` stage wrote
+   them (components.style: paths.style, and the weighting method with its agreement with the hand labels).
+2. The label x style tables, and how well style alone predicts the label: a gradient-boosted classifier on the
    style features, cross-validated on the training pool, against chance (the majority class).
-4. Every base model, soft voting and the stack on the official test split, per style cell: accuracy and tumor
+3. Every base model, soft voting and the stack on the official test split, per style cell: accuracy and tumor
    sensitivity (tumor vs none, called tumor when 1 - P(notumor) >= audit.tumor_threshold). The counter-shortcut
    cells are tumors that look T2-like and healthy scans that look T1-like.
 
-Writes paths.audit_report (markdown, git), paths.metrics/audit.json (DVC metrics) and paths.style (DVC-cached).
+Writes paths.audit_report (markdown, git) and paths.metrics/audit.json (DVC metrics).
 Method and its check: docs/audit.md.
 """
 
@@ -21,65 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
 from components.config import AuditParams, Params, ProjectError
 from components.metrics import NO_TUMOR, probability_columns, proportion
-from components.style import STYLE_FEATURES, WEIGHTING_FEATURES, style_frame
+from components.style import STYLE_FEATURES, T1, T2, read_styles
 
 log = logging.getLogger(__name__)
 
-T1, T2 = "T1-like", "T2-like"
 COUNTER_SHORTCUT = {"tumor": T2, NO_TUMOR: T1}  # the style that contradicts each side of the shortcut
-SPLIT_ORDER = ("train", "val", "stack", "gate", "test")
-
-
-def weighting_model(features: pd.DataFrame, hand: pd.DataFrame, audit: AuditParams, seed: int):
-    """(predict: features -> is-T2 booleans, description of the method and its measured agreement)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    labelled = features.merge(hand, on="file")
-    labelled = labelled[labelled[WEIGHTING_FEATURES].notna().all(axis=1)]
-    is_t2 = (labelled.weighting == T2).to_numpy()
-    if len(labelled) < audit.min_hand_labels or is_t2.all() or not is_t2.any():
-        rule = f"inner_to_rim > {audit.t2_ratio}"
-        found = f"{len(labelled)} of the hand-labelled scans are in the data (audit.min_hand_labels is " \
-                f"{audit.min_hand_labels})"
-
-        def predict_rule(frame: pd.DataFrame) -> np.ndarray:
-            return (frame.inner_to_rim > audit.t2_ratio).to_numpy()
-
-        agreement = (proportion(float(np.mean(predict_rule(labelled) == is_t2)), int(np.sum(
-            predict_rule(labelled) == is_t2)), len(labelled), audit.interval_below, audit.confidence)
-            if len(labelled) else None)
-        return predict_rule, {"method": f"rule {rule}", "why": found, "agreement": agreement}
-
-    classifier = make_pipeline(StandardScaler(), LogisticRegression(C=audit.regularisation, max_iter=1000))
-    folds = min(5, int(is_t2.sum()), int((~is_t2).sum()))
-    out_of_fold = cross_val_predict(classifier, labelled[WEIGHTING_FEATURES], is_t2,
-                                    cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
-    agree = int(np.sum(out_of_fold == is_t2))
-    classifier.fit(labelled[WEIGHTING_FEATURES], is_t2)
-
-    def predict(frame: pd.DataFrame) -> np.ndarray:
-        usable = frame[WEIGHTING_FEATURES].notna().all(axis=1).to_numpy()
-        out = np.zeros(len(frame), dtype=bool)
-        if usable.any():
-            out[usable] = classifier.predict(frame.loc[usable, WEIGHTING_FEATURES])
-        return out
-
-    return predict, {
-        "method": f"logistic regression on {len(WEIGHTING_FEATURES)} weighting features, fitted on "
-                  f"{len(labelled)} hand-labelled scans ({int(is_t2.sum())} T2-like)",
-        "agreement": proportion(agree / len(labelled), agree, len(labelled), audit.interval_below, audit.confidence),
-        "agreement_note": f"{folds}-fold out-of-fold predictions against the hand labels",
-    }
 
 
 def style_only(features: pd.DataFrame, classes: list[str], seed: int, folds: int) -> dict:
@@ -168,17 +115,6 @@ def shortcut_gaps(cells: dict[str, dict[str, dict]]) -> dict[str, dict]:
     return out
 
 
-def read_splits(params: Params) -> pd.DataFrame:
-    """path (as the splits write it), split, and clean for test."""
-    from components.dataset import read_split
-
-    frames = []
-    for split in SPLIT_ORDER:
-        frame = read_split(params.paths.splits, split)
-        frames.append(frame[["path"]].assign(split=split, clean=frame["clean"] if "clean" in frame else False))
-    return pd.concat(frames, ignore_index=True)
-
-
 def load_test_predictions(params: Params) -> dict[str, pd.DataFrame]:
     from components.stack import SOFT_VOTE, STACK
 
@@ -198,27 +134,12 @@ def run_audit(params: Params) -> dict:
     from components import tracking
 
     audit, classes = params.audit, params.data.classes
-    manifest = pd.read_parquet(params.paths.manifest)
-    manifest = manifest[manifest.readable].reset_index(drop=True)
-    manifest["full_path"] = [(Path(params.paths.raw) / p).as_posix() for p in manifest.path]
-    log.info("style features of %d scans", len(manifest))
-    features = style_frame(manifest.full_path.tolist(), params.manifest.workers).drop(columns="path")
-    features = pd.concat([manifest[["path", "full_path", "label", "mode"]].rename(columns={"path": "file"}),
-                          features], axis=1)
-    hand_path = Path(audit.hand_labels)
-    if not hand_path.exists():
-        raise ProjectError(f"{hand_path} not found (params audit.hand_labels): it holds the hand-labelled MRI "
-                           "weighting of a sample of scans, columns file (relative to data/raw) and weighting")
-    hand = pd.read_csv(hand_path)
-    predict_t2, method = weighting_model(features, hand, audit, params.seed)
-    features["weighting"] = np.where(predict_t2(features), T2, T1)
-
-    splits = read_splits(params)
-    features = features.merge(splits, left_on="full_path", right_on="path", how="left").drop(columns="path")
-    features["split"] = features.split.fillna("excluded")  # quarantined, or dropped as a twin of a test image
-    styles = features.rename(columns={"full_path": "path"})
-    params.paths.style.parent.mkdir(parents=True, exist_ok=True)
-    styles.to_parquet(params.paths.style, index=False)
+    styles = read_styles(params)
+    method = json.loads((params.paths.metrics / "style.json").read_text())["weighting_method"]
+    if method.get("agreement"):
+        agreement = method["agreement"]
+        method["agreement"] = proportion(agreement["value"], agreement["k"], agreement["n"], audit.interval_below,
+                                         audit.confidence)
 
     used = styles[styles.split != "excluded"]
     tables = {
@@ -232,7 +153,8 @@ def run_audit(params: Params) -> dict:
     gaps = shortcut_gaps(cells)
     summary = {"weighting_method": method, "tables": tables, "style_only": predictor, "test_cells": cells,
                "counter_shortcut_gaps": gaps, "tumor_threshold": audit.tumor_threshold,
-               "scans": len(styles), "scans_used": len(used)}
+               "scans": len(styles), "scans_used": len(used),
+               "gap_target_points": params.report.counter_shortcut_gap_points}
     params.paths.metrics.mkdir(parents=True, exist_ok=True)
     (params.paths.metrics / "audit.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     params.paths.audit_report.parent.mkdir(parents=True, exist_ok=True)
@@ -316,7 +238,8 @@ def markdown(summary: dict, classes: list[str]) -> str:
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     lines += ["", "Column `all` is accuracy (4 classes); tumor columns are tumor sensitivity, notumor columns "
               "specificity.", "", "## Counter-shortcut gap", "",
-              "Target: tumor sensitivity on T2-like tumors within 5 points of all tumors.", "",
+              f"Target: tumor sensitivity on T2-like tumors within {summary['gap_target_points']} points of all "
+              "tumors (report.counter_shortcut_gap_points).", "",
               "| model | all tumors | T2-like tumors | gap (points) | T2-like tumors (n) |", "|---|---|---|---|---|"]
     for name, gap in summary["counter_shortcut_gaps"].items():
         lines.append(f"| {name} | {100 * gap['overall']:.1f}% | {100 * gap['counter_shortcut']:.1f}% | "

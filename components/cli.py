@@ -133,6 +133,13 @@ def _predict(args, params):
     return None
 
 
+@command("style")
+def _style(args, params):
+    from components.style import run_style
+
+    return run_style(params)
+
+
 @command("audit")
 def _audit(args, params):
     from components.audit import run_audit
@@ -240,10 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("manifest", help="scan data/raw into data/manifest.parquet")
     sub.add_parser("validate", help="Great Expectations checks; writes quarantine and Data Docs")
-    sub.add_parser("split", help="leakage-free train/val/gate/test CSVs")
+    sub.add_parser("split", help="leakage-free train/val/stack/gate/test CSVs")
+    sub.add_parser("style", help="acquisition style and MRI weighting of every scan: data/style.parquet "
+                   "(params: style)")
     train = sub.add_parser("train", help="train one CNN; one MLflow run")
     train.add_argument("--model", required=True, help="custom_cnn | mobilenetv2 | densenet169 | resnet50")
-    sub.add_parser("stack", help="fit the FLAML meta-learner on val predictions")
+    sub.add_parser("stack", help="fit the FLAML meta-learner on the stack split's predictions")
     sub.add_parser("reference", help="profile of the training data for drift monitoring: embeddings, style "
                    "features, predicted class mix, OOD threshold (params: monitor)")
     sub.add_parser("evaluate", help="metrics, plots and Grad-CAM on the official and clean test sets")
@@ -259,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("paths", nargs="+", help="image files")
     predict.add_argument("--model-uri", default="models:/brain-tumor-ensemble@champion")
     predict.add_argument("--out", help="write a CSV here instead of printing it")
-    sub.add_parser("audit", help="shortcut audit: acquisition style of every scan, label x style tables, models per "
+    sub.add_parser("audit", help="shortcut audit: label x style tables, style alone against chance, models per "
                    "style cell (params: audit)")
     external = sub.add_parser("evaluate-external", help="score a labelled folder of another collection with the "
                               "ensemble and every base model, without the Kaggle set's duplicates (params: external)")

@@ -124,6 +124,8 @@ class TrainParams(Section):
     plateau_patience: int = Field(ge=0)
     min_learning_rate: float = Field(ge=0)
     class_weights: bool
+    style_balance: bool
+    style_balance_max_weight: float = Field(ge=1)
     head_dropout: float = Field(ge=0, lt=1)
     head_units: int = Field(ge=0)
     mixed_precision: bool
@@ -237,11 +239,16 @@ class ReportParams(Section):
     confidence: float = Field(gt=0, lt=1)
 
 
-class AuditParams(Section):
+class StyleParams(Section):
+    """Each scan's acquisition style and MRI weighting (components.style)."""
     hand_labels: Path
     min_hand_labels: int = Field(ge=2)
     regularisation: float = Field(gt=0)
     t2_ratio: float = Field(gt=0)
+    folds: int = Field(ge=2)
+
+
+class AuditParams(Section):
     folds: int = Field(ge=2)
     tumor_threshold: float = Field(gt=0, lt=1)
     interval_below: int = Field(ge=0)
@@ -324,6 +331,7 @@ class Params(Section):
     manifest: ManifestParams
     validate_: ValidateParams = Field(alias="validate")
     split: SplitParams
+    style: StyleParams
     train: TrainParams
     models: dict[str, ModelParams]
     stack: StackParams

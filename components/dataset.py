@@ -100,26 +100,29 @@ def augmenter(augmentation: Augmentation, seed: int) -> keras.Sequential:
 
 
 def make_dataset(frame: pd.DataFrame, data: DataParams, model: ModelParams, train: TrainParams, *,
-                 training: bool, seed: int, cache_dir: Path | None = None, batch_size: int | None = None
-                 ) -> tf.data.Dataset:
-    """(images float32 0-255, label index) batches. Shuffled and augmented only when `training`."""
+                 training: bool, seed: int, cache_dir: Path | None = None, batch_size: int | None = None,
+                 weights: np.ndarray | None = None) -> tf.data.Dataset:
+    """(images float32 0-255, label index) batches, or (images, label index, weight) with per-row loss `weights`.
+    Shuffled and augmented only when `training`."""
     size = model.image_size
     paths = frame.path.astype(str).to_numpy()
     labels = label_indices(frame, data.classes)
+    # Weights ride in each element with their image, so no shuffle or parallel map can pair them with another.
+    columns = (paths, labels) if weights is None else (paths, labels, np.asarray(weights, np.float32))
 
     def decode(path):
         path = path.decode() if isinstance(path, bytes) else str(path)
         return load_rgb(path, size, data.preprocess).astype(np.float32)
 
-    def load(path, label):
+    def load(path, *targets):
         image = tf.numpy_function(decode, [path], tf.float32, stateful=False)
         image.set_shape((size, size, 3))
-        return image, label
+        return image, *targets
 
     options = tf.data.Options()
     # Evaluation rows must come out in frame order: predictions are matched to paths by position.
     options.deterministic = train.deterministic or not training
-    dataset = tf.data.Dataset.from_tensor_slices((paths, labels)).with_options(options)
+    dataset = tf.data.Dataset.from_tensor_slices(columns).with_options(options)
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     if train.cache == "memory":
         dataset = dataset.cache()
@@ -127,15 +130,17 @@ def make_dataset(frame: pd.DataFrame, data: DataParams, model: ModelParams, trai
         if cache_dir is None:
             raise ValueError("train.cache: disk needs a cache directory")
         cache_dir.mkdir(parents=True, exist_ok=True)
-        # One cache file per distinct frame and decode path: a cache made with other preprocessing is never read.
-        key = hashlib.sha1("\n".join([*paths, data.preprocess.model_dump_json()]).encode()).hexdigest()[:12]
+        # One cache file per distinct frame, decode path and weights: a cache made otherwise is never read.
+        key = hashlib.sha1("\n".join([*paths, data.preprocess.model_dump_json()]).encode()
+                           + (b"" if weights is None else columns[2].tobytes())).hexdigest()[:12]
         dataset = dataset.cache(str(cache_dir / f"{key}-{size}"))
     if training:
         dataset = dataset.shuffle(min(train.shuffle_buffer, len(frame)), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size or (model.batch_size if training else train.eval_batch_size))
     if training and any(model.augmentation.model_dump().values()):
         augment = augmenter(model.augmentation, seed)
-        dataset = dataset.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = dataset.map(lambda x, *targets: (augment(x, training=True), *targets),
+                              num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 

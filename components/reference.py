@@ -6,7 +6,7 @@ profile of the data it was trained on:
 
 - embeddings.parquet: the embedding of every training image: the pooled features (the layer named "pool", which
   every model of components.models has) of the base model params monitor.embedding_model;
-- style.parquet: the acquisition-style features (components.style) of every training image;
+- style.parquet: the acquisition-style features of every training image (from the `style` stage's paths.style);
 - val_distances.parquet: each val image's distance to the training data (below);
 - reference.json: the embedding model and the decoding it was fed (image size, params data.preprocess), the
   predicted class mix of the stack on val (predictions/stack/val.parquet), and the out-of-distribution threshold.
@@ -30,7 +30,7 @@ import pandas as pd
 
 from components.config import Params, Preprocess, ProjectError
 from components.images import load_rgb
-from components.style import STYLE_FEATURES, style_frame
+from components.style import STYLE_FEATURES, read_styles
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,9 @@ def build_reference(params: Params) -> dict:
         raise ProjectError(f"{paths.splits / 'val.csv'} holds no images: the OOD threshold is a percentile of val "
                            "images' distances; raise split.val_fraction")
     threshold = float(np.percentile(distances, monitor.ood_percentile))
-    style = style_frame(train.path.tolist(), params.manifest.workers)
+    style = train[["path"]].merge(read_styles(params)[["path", *STYLE_FEATURES, "error"]], on="path", how="left",
+                                  indicator=True)
+    style.loc[style.pop("_merge") == "left_only", "error"] = f"not in {paths.style}"
     unreadable = style[style.error.notna()]
     if len(unreadable):
         log.warning("%d training images have no style features (left out): %s", len(unreadable),

@@ -1,6 +1,7 @@
-"""Acquisition style of a scan, read from its pixels and its file alone, never from its label.
+"""Acquisition style of a scan, read from its pixels and its file alone, never from its label
+(`braintumor style`: paths.style, read by style-balanced training, the shortcut audit and the drift reference).
 
-Two kinds of feature, shared by the shortcut audit (components.audit) and the drift monitor (components.monitor):
+Two kinds of feature:
 - MRI weighting: intensity statistics of the head, inside versus its rim. In a T2-weighted (or FLAIR) scan the
   cerebrospinal fluid and parenchyma are bright relative to the scalp; in a contrast-enhanced T1 scan the scalp fat
   is the brightest tissue and the ventricles are dark. No single statistic separates the two well (measured on a
@@ -10,10 +11,18 @@ Two kinds of feature, shared by the shortcut audit (components.audit) and the dr
 
 The head is found as in components.images (Otsu threshold, largest component, holes filled), so the audit's idea
 of the head is the one the models' crop uses.
+
+The stage gives every readable scan of the manifest its features, its split, and its MRI weighting, T1-like or
+T2-like: a logistic regression on the weighting features, fitted on the hand-labelled scans of style.hand_labels
+(weighting labels, never tumor labels), its agreement with them measured out of fold. With fewer than
+style.min_hand_labels of them in the data (a toy data set), the documented one-feature rule
+inner_to_rim > style.t2_ratio takes its place, and paths.metrics/style.json says so.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -21,7 +30,13 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage, stats
 
+from components.config import Params, ProjectError, StyleParams
 from components.images import ImageError, head_mask, open_image
+
+log = logging.getLogger(__name__)
+
+T1, T2 = "T1-like", "T2-like"
+SPLIT_ORDER = ("train", "val", "stack", "gate", "test")
 
 # Inside the head: pixels deeper than this share of the head's largest inscribed radius; rim: within this share.
 INNER_DEPTH, RIM_DEPTH = 0.30, 0.15
@@ -112,3 +127,96 @@ def style_frame(paths: list[str], workers: int = 1) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=["path", *STYLE_FEATURES, "error"])
     return frame.astype({name: float for name in STYLE_FEATURES})
 
+
+
+def weighting_model(features: pd.DataFrame, hand: pd.DataFrame, style: StyleParams, seed: int):
+    """(predict: features -> is-T2 booleans, the method and its agreement with the hand labels as value, k, n)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    labelled = features.merge(hand, on="file")
+    labelled = labelled[labelled[WEIGHTING_FEATURES].notna().all(axis=1)]
+    is_t2 = (labelled.weighting == T2).to_numpy()
+
+    def agreement(predicted: np.ndarray) -> dict | None:
+        agree = int(np.sum(predicted == is_t2))
+        return {"value": agree / len(labelled), "k": agree, "n": len(labelled)} if len(labelled) else None
+
+    if len(labelled) < style.min_hand_labels or is_t2.all() or not is_t2.any():
+        def predict_rule(frame: pd.DataFrame) -> np.ndarray:
+            return (frame.inner_to_rim > style.t2_ratio).to_numpy()
+
+        return predict_rule, {"method": f"rule inner_to_rim > {style.t2_ratio}",
+                              "why": f"{len(labelled)} of the hand-labelled scans are in the data "
+                                     f"(style.min_hand_labels is {style.min_hand_labels})",
+                              "agreement": agreement(predict_rule(labelled))}
+
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(C=style.regularisation, max_iter=1000))
+    folds = min(style.folds, int(is_t2.sum()), int((~is_t2).sum()))
+    out_of_fold = cross_val_predict(classifier, labelled[WEIGHTING_FEATURES], is_t2,
+                                    cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+    classifier.fit(labelled[WEIGHTING_FEATURES], is_t2)
+
+    def predict(frame: pd.DataFrame) -> np.ndarray:
+        usable = frame[WEIGHTING_FEATURES].notna().all(axis=1).to_numpy()
+        out = np.zeros(len(frame), dtype=bool)
+        if usable.any():
+            out[usable] = classifier.predict(frame.loc[usable, WEIGHTING_FEATURES])
+        return out
+
+    return predict, {
+        "method": f"logistic regression on {len(WEIGHTING_FEATURES)} weighting features, fitted on "
+                  f"{len(labelled)} hand-labelled scans ({int(is_t2.sum())} T2-like)",
+        "agreement": agreement(out_of_fold),
+        "agreement_note": f"{folds}-fold out-of-fold predictions against the hand labels",
+    }
+
+
+def split_membership(params: Params) -> pd.DataFrame:
+    """path (as the splits write it), split, and clean for test."""
+    frames = []
+    for split in SPLIT_ORDER:
+        path = params.paths.splits / f"{split}.csv"
+        if not path.exists():
+            raise ProjectError(f"{path} not found: run `dvc repro split` (or `dvc pull`) first")
+        frame = pd.read_csv(path)
+        frames.append(frame[["path"]].assign(split=split, clean=frame["clean"] if "clean" in frame else False))
+    return pd.concat(frames, ignore_index=True)
+
+
+def run_style(params: Params) -> dict:
+    """Write paths.style (one row per readable scan: path as the splits write it, file under data/raw, label,
+    stored mode, STYLE_FEATURES, error, weighting, split) and paths.metrics/style.json (the weighting method)."""
+    manifest = pd.read_parquet(params.paths.manifest)
+    manifest = manifest[manifest.readable].reset_index(drop=True)
+    manifest["full_path"] = [(Path(params.paths.raw) / p).as_posix() for p in manifest.path]
+    log.info("style features of %d scans", len(manifest))
+    features = style_frame(manifest.full_path.tolist(), params.manifest.workers).drop(columns="path")
+    features = pd.concat([manifest[["path", "full_path", "label", "mode"]].rename(columns={"path": "file"}),
+                          features], axis=1)
+    hand_path = Path(params.style.hand_labels)
+    if not hand_path.exists():
+        raise ProjectError(f"{hand_path} not found (params style.hand_labels): it holds the hand-labelled MRI "
+                           "weighting of a sample of scans, columns file (relative to data/raw) and weighting")
+    predict_t2, method = weighting_model(features, pd.read_csv(hand_path), params.style, params.seed)
+    features["weighting"] = np.where(predict_t2(features), T2, T1)
+    styles = features.merge(split_membership(params), left_on="full_path", right_on="path", how="left")
+    styles = styles.drop(columns="path").rename(columns={"full_path": "path"})
+    styles["split"] = styles.split.fillna("excluded")  # quarantined, or dropped as a twin of a test image
+    styles["clean"] = styles.clean.fillna(False).astype(bool)
+    params.paths.style.parent.mkdir(parents=True, exist_ok=True)
+    styles.to_parquet(params.paths.style, index=False)
+    summary = {"weighting_method": method, "scans": len(styles),
+               "weighting_by_split": pd.crosstab(styles.split, styles.weighting).to_dict(orient="index")}
+    params.paths.metrics.mkdir(parents=True, exist_ok=True)
+    (params.paths.metrics / "style.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {"style": str(params.paths.style), **summary}
+
+
+def read_styles(params: Params) -> pd.DataFrame:
+    """paths.style, or an error naming the stage that writes it."""
+    if not params.paths.style.exists():
+        raise ProjectError(f"{params.paths.style} not found: run `dvc repro style` (or `dvc pull`) first")
+    return pd.read_parquet(params.paths.style)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.config import ModelParams, Params
+from components.config import ModelParams, Params, ProjectError, TrainParams
 from components.metrics import plot_confusion, plot_history, probability_columns, scores, split_metrics
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,39 @@ def _phases(model_params: ModelParams) -> list[tuple[str, int, int, float]]:
     return phases
 
 
+def loss_weights(train_frame: pd.DataFrame, train: TrainParams, styles: pd.DataFrame | None) -> np.ndarray | None:
+    """Per-scan loss weights, mean 1, or None when neither option asks for any.
+
+    train.style_balance: within each class, every MRI weighting (styles: paths.style) gets the weight of the class's
+    most common one, so a T2-like meningioma counts as much as a T1-like one; a rare weighting's scans weigh at most
+    train.style_balance_max_weight times a common one's. Each class keeps its total weight. train.class_weights: then
+    each class weighs the same (scikit-learn's "balanced" class weights)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    if not (train.style_balance or train.class_weights):
+        return None
+    weights = np.ones(len(train_frame))
+    labels = train_frame.label.to_numpy()
+    if train.style_balance:
+        weighting = train_frame[["path"]].merge(styles[["path", "weighting"]], on="path", how="left").weighting
+        if weighting.isna().any():
+            missing = train_frame.path[weighting.isna().to_numpy()]
+            raise ProjectError(f"{len(missing)} training scans have no weighting in the style table (first: "
+                               f"{missing.iloc[0]}): it predates the split; run `dvc repro style`")
+        weighting = weighting.to_numpy()
+        for label in np.unique(labels):
+            in_class = labels == label
+            cells, counts = np.unique(weighting[in_class], return_counts=True)
+            for cell, count in zip(cells, counts):
+                weights[in_class & (weighting == cell)] = min(counts.max() / count, train.style_balance_max_weight)
+            weights[in_class] *= in_class.sum() / weights[in_class].sum()
+    if train.class_weights:
+        present = np.unique(labels)
+        balanced = dict(zip(present, compute_class_weight("balanced", classes=present, y=labels)))
+        weights *= np.array([balanced[label] for label in labels])
+    return weights / weights.mean()
+
+
 def predict_frame(model, frame: pd.DataFrame, params: Params, model_params: ModelParams,
                   cache_dir: Path) -> pd.DataFrame:
     from components.dataset import make_dataset
@@ -143,12 +176,12 @@ def train_model(name: str, params: Params) -> TrainResult:
     import keras
     import mlflow
     import tensorflow as tf
-    from sklearn.utils.class_weight import compute_class_weight
 
     from components import tracking
     from components.dataset import make_dataset, read_split
     from components.devices import configure_tensorflow
     from components.models import build_model, set_trainable
+    from components.style import read_styles
 
     model_params = params.model(name)
     classes = params.data.classes
@@ -160,17 +193,13 @@ def train_model(name: str, params: Params) -> TrainResult:
 
     frames = {split: read_split(params.paths.splits, split) for split in ("train", *PREDICTED_SPLITS)}
     cache_dir = outputs.checkpoints / "cache"
+    weights = loss_weights(frames["train"], params.train, read_styles(params) if params.train.style_balance else None)
     # One-hot targets: label smoothing needs them (Keras's sparse cross-entropy has none).
-    one_hot = lambda images, labels: (images, tf.one_hot(labels, len(classes)))  # noqa: E731
+    one_hot = lambda images, labels, *weight: (images, tf.one_hot(labels, len(classes)), *weight)  # noqa: E731
     train_data = make_dataset(frames["train"], params.data, model_params, params.train, training=True,
-                              seed=params.seed, cache_dir=cache_dir).map(one_hot)
+                              seed=params.seed, cache_dir=cache_dir, weights=weights).map(one_hot)
     val_data = make_dataset(frames["val"], params.data, model_params, params.train, training=False, seed=params.seed,
                             cache_dir=cache_dir).map(one_hot)
-    class_weight = None
-    if params.train.class_weights:
-        labels = frames["train"].label.map({c: i for i, c in enumerate(classes)}).to_numpy()
-        present = np.unique(labels)
-        class_weight = dict(zip(present.tolist(), compute_class_weight("balanced", classes=present, y=labels)))
 
     model = build_model(name, model_params, params.train, len(classes))
     resumed_from = max(_saved_epoch(outputs.checkpoints / phase) for phase, *_ in _phases(model_params))
@@ -194,7 +223,7 @@ def train_model(name: str, params: Params) -> TrainResult:
                           metrics=["accuracy"],
                           jit_compile=bool(device["jit_compile"]), run_eagerly=params.train.run_eagerly)
             model.fit(train_data, validation_data=val_data, initial_epoch=first, epochs=last,
-                      class_weight=class_weight, verbose=2,
+                      verbose=2,
                       callbacks=_callbacks(params, model_params, outputs, phase, learning_rate))
             if phase == "head":
                 model.save_weights(head_done)

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.audit import T1, T2, per_cell, shortcut_gaps, weighting_model
-from components.style import STYLE_FEATURES, style_features
+from components.audit import per_cell, shortcut_gaps
+from components.style import STYLE_FEATURES, T1, T2, style_features, weighting_model
 from tests.conftest import TRAINED_EXTRA, tiny_params
 
 
@@ -57,13 +57,13 @@ def test_t1_like_and_t2_like_phantoms_are_told_apart_by_the_rule_and_by_the_fitt
     truth = (phantoms.weighting == T2).to_numpy()
     hand, features = phantoms[["file", "weighting"]], phantoms.drop(columns="weighting")
     # Too few hand labels: the documented one-feature rule.
-    few = params.audit.model_copy(update={"min_hand_labels": 100})
+    few = params.style.model_copy(update={"min_hand_labels": 100})
     rule, method = weighting_model(features, hand, few, params.seed)
     assert method["method"].startswith("rule") and "min_hand_labels" in method["why"]
     np.testing.assert_array_equal(rule(features), truth)
     assert method["agreement"]["value"] == 1.0 and method["agreement"]["n"] == len(phantoms)
     # Enough: the logistic regression, whose out-of-fold agreement is measured against the hand labels.
-    enough = params.audit.model_copy(update={"min_hand_labels": 10})
+    enough = params.style.model_copy(update={"min_hand_labels": 10})
     fitted, method = weighting_model(features, hand, enough, params.seed)
     assert method["method"].startswith("logistic regression") and method["agreement"]["value"] >= 0.9
     np.testing.assert_array_equal(fitted(features), truth)
@@ -102,6 +102,7 @@ def test_the_audit_stage_of_the_trained_pipeline_accounts_for_every_scan(in_trai
     styles = pd.read_parquet(params.paths.style)
     manifest = pd.read_parquet(params.paths.manifest)
     assert len(styles) == manifest.readable.sum() == summary["scans"]
+    assert set(styles.weighting) <= {T1, T2} and styles[STYLE_FEATURES].notna().all(axis=1).all()
     test = pd.read_csv(params.paths.splits / "test.csv")
     assert (styles.split == "test").sum() == len(test)
     by_label = summary["tables"]["weighting_by_label_test"]

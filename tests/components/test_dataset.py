@@ -46,3 +46,28 @@ def test_low_resolution_loses_detail_but_keeps_the_shape(batch):
 def test_noise_and_blur_stay_in_the_pixel_range(params, batch):
     out = np.asarray(augmenter(off(params, noise=0.2, blur=1.0), seed=2)(batch, training=True))
     assert out.min() >= 0 and out.max() <= 255 and not np.allclose(out, batch)
+
+
+def test_loss_weights_stay_with_their_scans_through_shuffling_and_augmentation(params, tmp_path):
+    import pandas as pd
+
+    from components.dataset import make_dataset
+
+    rng = np.random.default_rng(0)
+    classes = params.data.classes
+    rows = []
+    for index in range(24):
+        path = tmp_path / f"{index}.png"
+        class_image(index % 4, rng, size=32, mode="RGB").save(path)
+        rows.append({"path": str(path), "label": classes[index % 4]})
+    frame = pd.DataFrame(rows)
+    weights = np.arange(len(frame), dtype=np.float32) / 10  # a different weight for every scan
+    model = params.model("custom_cnn").model_copy(update={"image_size": 32, "batch_size": 5})
+    dataset = make_dataset(frame, params.data, model, params.train, training=True, seed=3, weights=weights)
+    seen = []
+    for images, labels, batch_weights in dataset:
+        assert images.shape[1:] == (32, 32, 3)
+        seen += list(zip(labels.numpy().tolist(), batch_weights.numpy().round(3).tolist()))
+    expected = sorted(zip((np.arange(24) % 4).tolist(), weights.round(3).tolist()))
+    assert sorted(seen) == expected, "every scan's weight arrives with that scan's label"
+    assert [w for _, w in seen] != sorted(w for _, w in seen), "the rows were shuffled"

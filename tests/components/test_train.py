@@ -103,3 +103,30 @@ def test_evaluation_batches_keep_the_frame_order(workspace):
     expected = np.stack([load_rgb(p, params.model("custom_cnn").image_size, params.data.preprocess)
                          for p in frame.path]).astype(np.float32)
     np.testing.assert_array_equal(images, expected)
+
+
+def test_style_balance_weighs_a_class_s_rare_weighting_like_its_common_one_up_to_the_cap(params):
+    from components.config import ProjectError
+    from components.style import T1, T2
+    from components.train import loss_weights
+
+    # glioma: 10 T1-like, 2 T2-like (ratio 5, capped at 3); notumor: 4 T1-like, 4 T2-like (already balanced).
+    labels = ["glioma"] * 12 + ["notumor"] * 8
+    weighting = [T1] * 10 + [T2] * 2 + [T1] * 4 + [T2] * 4
+    frame = pd.DataFrame({"path": [f"/x/{i}.jpg" for i in range(20)], "label": labels})
+    styles = pd.DataFrame({"path": frame.path, "weighting": weighting})
+    train = params.train.model_copy(update={"style_balance": True, "style_balance_max_weight": 3.0,
+                                            "class_weights": False})
+    weights = loss_weights(frame, train, styles)
+    glioma, notumor = weights[:12], weights[12:]
+    assert weights.mean() == pytest.approx(1.0)
+    assert glioma[10] / glioma[0] == pytest.approx(3.0), "capped at style_balance_max_weight"
+    assert np.ptp(notumor) == pytest.approx(0.0)
+    assert glioma.sum() / notumor.sum() == pytest.approx(12 / 8), "each class keeps its share of the loss"
+
+    both = loss_weights(frame, train.model_copy(update={"class_weights": True}), styles)
+    assert both[:12].sum() == pytest.approx(both[12:].sum()), "class weights then make the classes weigh the same"
+    assert loss_weights(frame, train.model_copy(update={"style_balance": False}), None) is None
+
+    with pytest.raises(ProjectError, match="dvc repro style"):
+        loss_weights(frame, train, styles.iloc[:5])

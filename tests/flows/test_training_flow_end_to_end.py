@@ -13,7 +13,7 @@ from tests.conftest import TRAINED_EXTRA, tiny_params
 from flows.dvc_stages import pipeline_generations
 
 # The stages every run must include, whatever else dvc.yaml holds; the `stages` fixture reads all of dvc.yaml's.
-CORE_STAGES = {"manifest", "validate", "split", "train@custom_cnn", "train@mobilenetv2", "train@densenet169",
+CORE_STAGES = {"manifest", "validate", "split", "style", "train@custom_cnn", "train@mobilenetv2", "train@densenet169",
                "train@resnet50", "stack", "evaluate", "audit", "reference", "register"}
 
 
