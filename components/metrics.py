@@ -184,3 +184,18 @@ def plot_history(history: pd.DataFrame, title: str, out: Path) -> Path:
     figure.savefig(out, dpi=100)
     plt.close(figure)
     return out
+
+
+def plot_learning_curves(curves: dict[str, pd.DataFrame], metric: str, out: Path) -> Path:
+    """One line per model: `metric` at the end of each epoch against the minutes since its training started."""
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for name, curve in curves.items():
+        axis.plot(curve["minutes"], curve[metric], marker="o", markersize=3, label=name)
+    axis.set(xlabel="minutes of training", ylabel=metric, title=f"{metric} against training time")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out

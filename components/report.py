@@ -22,7 +22,7 @@ import pandas as pd
 
 from components.config import Params, ReportParams
 from components.data_import import data_hash
-from components.metrics import proportion
+from components.metrics import plot_learning_curves, proportion
 
 BASE_ROWS = ("custom_cnn", "mobilenetv2", "densenet169", "resnet50")
 TEST_SETS = {"test": "official test", "test_clean": "clean test"}
@@ -387,6 +387,44 @@ def training_setups(params: Params) -> list[TrainingSetup]:
     return setups
 
 
+def learning_curves(params: Params) -> dict[str, pd.DataFrame]:
+    """Per model: minutes since its training run started, and train.monitor, at the end of every epoch (the MLflow
+    metric history of the run its models/<name>/mlflow.json names)."""
+    import mlflow
+
+    from components import tracking
+
+    tracking.configure(params.tracking)
+    client = mlflow.MlflowClient()
+    curves = {}
+    for name in params.stack.models:
+        record = params.paths.models / name / "mlflow.json"
+        if not record.exists():
+            continue
+        run = client.get_run(json.loads(record.read_text())["run_id"])
+        history = client.get_metric_history(run.info.run_id, params.train.monitor)
+        if history:
+            curves[name] = pd.DataFrame({
+                "epoch": [m.step + 1 for m in history],
+                "minutes": [(m.timestamp - run.info.start_time) / 60_000 for m in history],
+                params.train.monitor: [m.value for m in history]}).sort_values("epoch").reset_index(drop=True)
+    return curves
+
+
+def curves_section(curves: dict[str, pd.DataFrame], monitor: str, image: str | None) -> str:
+    """Each curve's best epoch and whether it was still improving at the end, then the plot."""
+    lines = []
+    for name, curve in curves.items():
+        best = curve.loc[curve[monitor].idxmin() if "loss" in monitor else curve[monitor].idxmax()]
+        rising = best.epoch >= len(curve) - 1  # the best epoch is the last or the one before it
+        lines.append(f"- {name}: best {monitor} {_pct(best[monitor])} at epoch {int(best.epoch)} of {len(curve)} "
+                     f"({best.minutes:.1f} of {curve.minutes.iloc[-1]:.1f} min); "
+                     + ("**still improving when its epochs ran out**" if rising else "flat or falling at the end"))
+    if not lines:
+        return "- no training run found in MLflow"
+    return "\n".join(lines) + (f"\n\n![{monitor} against training minutes]({image})" if image else "")
+
+
 def profile_table(params: Params, setups: list[TrainingSetup] | None = None) -> str:
     """One row per model; the weights column is what each training logged when `setups` has it."""
     logged = {s.model: s.weights for s in setups or []}
@@ -425,6 +463,11 @@ def write_report(params: Params, commit: str) -> Path:
             shutil.copy2(params.paths.plots / "evaluation" / source, figures / source)
             plots.append(f"![{source}]({figures.relative_to(Path(settings.out).parent).as_posix()}/{source})")
 
+    curves = learning_curves(params)
+    curves_image = None
+    if curves:
+        plot_learning_curves(curves, params.train.monitor, figures / "learning_curves.png")
+        curves_image = f"{figures.relative_to(Path(settings.out).parent).as_posix()}/learning_curves.png"
     audit_file = params.paths.metrics / "audit.json"
     audit = json.loads(audit_file.read_text()) if audit_file.exists() else None
     external = read_external(settings)
@@ -496,6 +539,14 @@ Full-test accuracy of every run kept in `{settings.seeds_dir}` (this run: seed {
 ## Profile
 
 {profile_table(params, setups)}
+
+### {params.train.monitor} against training minutes
+
+Where a target is out of reach, this is how far the budget went: every model's {params.train.monitor} at the end
+of each epoch against the minutes since its training started (MLflow metric history; the first epoch includes
+decoding and caching the images).
+
+{curves_section(curves, params.train.monitor, curves_image)}
 
 ## Wall time
 

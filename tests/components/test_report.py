@@ -33,6 +33,27 @@ def test_report_is_written_from_the_run_outputs(in_trained, tmp_path):
     assert "`external-dev`: not run here" in text
     assert json.loads((tmp_path / "seeds" / f"{params.seed}.json").read_text()) == evaluation
     assert "| stack: seeds within" in text and "one seed so far" in text
+    assert (tmp_path / "results" / "learning_curves.png").stat().st_size > 0
+    assert "](results/learning_curves.png)" in text
+    for name in params.stack.models:  # one epoch each in the tiny run: its best epoch is its last
+        line = next(line for line in text.splitlines() if line.startswith(f"- {name}: best val_accuracy"))
+        assert "at epoch 1 of 1 (" in line and "still improving" in line
+
+
+def test_a_curve_is_still_improving_when_its_best_epoch_is_at_the_end():
+    import pandas as pd
+
+    from components.report import curves_section
+
+    rising = pd.DataFrame({"epoch": [1, 2, 3, 4], "minutes": [1.0, 2, 3, 4], "val_accuracy": [0.3, 0.5, 0.6, 0.7]})
+    peaked = rising.assign(val_accuracy=[0.3, 0.8, 0.6, 0.5])
+    text = curves_section({"a": rising, "b": peaked}, "val_accuracy", "results/curves.png")
+    line_a, line_b = text.splitlines()[:2]
+    assert "70.0% at epoch 4 of 4 (4.0 of 4.0 min)" in line_a and "still improving" in line_a
+    assert "80.0% at epoch 2 of 4 (2.0 of 4.0 min)" in line_b and "flat or falling" in line_b
+    assert text.endswith("(results/curves.png)")
+    loss = rising.rename(columns={"val_accuracy": "val_loss"})
+    assert "at epoch 1 of 4" in curves_section({"a": loss}, "val_loss", None), "for a loss the best is the lowest"
 
 
 def full(accuracy, sensitivity=0.995, specificity=0.98, ece=0.02, clean=None):
