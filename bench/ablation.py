@@ -7,7 +7,8 @@ For each variant (`name`, then its `-S` overrides) it runs the stage's own comma
 - epochs run and the best epoch's val accuracy (plots/MODEL/history.csv);
 - on val (predictions/MODEL/val.parquet, the saved model): accuracy, tumor sensitivity, and the counter-shortcut
   cells of the audit: T2-like tumors and T1-like healthy scans (their weighting from the `style` stage's
-  data/style.parquet), each with its count and a Wilson interval;
+  data/style.parquet), each with its count and a Wilson interval; and val accuracy with flip test-time
+  augmentation (the mean of each scan's and its mirror's probabilities), which needs no training to measure;
 - on an external folder of tumor scans (default ../shared/datasets/external-dev, without the Kaggle set's
   duplicates, as `braintumor evaluate-external` drops them): tumor sensitivity.
 
@@ -82,16 +83,22 @@ def judge(workspace: Path, params, model: str, external) -> dict:
         "val_t2_like_tumor_sensitivity": cells.get(f"tumor {T2}", {}).get("tumor_sensitivity"),
         "val_t1_like_notumor_specificity": cells.get(f"{NO_TUMOR} {T1}", {}).get("tumor_specificity"),
     }
+    network = keras.models.load_model(workspace / params.paths.models / model / "model.keras")
+    size = int(network.input_shape[1])
+    # Flip test-time augmentation, measured on val without building it in: the mean of the scan and its mirror.
+    images = load_images(val, size, params.data.preprocess)
+    mirrored = (network.predict(images, verbose=0) + network.predict(images[:, :, ::-1], verbose=0)) / 2
+    right = int((mirrored.argmax(axis=1) == val.label.map({c: i for i, c in enumerate(classes)}).to_numpy()).sum())
+    out["val_accuracy_flip_tta"] = proportion(right / len(val), right, len(val), audit.interval_below,
+                                              audit.confidence)
     if external is not None and len(external):
-        network = keras.models.load_model(workspace / params.paths.models / model / "model.keras")
-        size = int(network.input_shape[1])
         probabilities = network.predict(load_images(external, size, params.data.preprocess), verbose=0)
         called_tumor = 1 - probabilities[:, classes.index(NO_TUMOR)] >= audit.tumor_threshold
         tumor = external.tumor.to_numpy()
         hits = int(called_tumor[tumor].sum())
         out["external_tumor_sensitivity"] = proportion(hits / max(tumor.sum(), 1), hits, int(tumor.sum()),
                                                        audit.interval_below, audit.confidence)
-        keras.backend.clear_session()
+    keras.backend.clear_session()
     return out
 
 
@@ -117,11 +124,12 @@ def _figure(figure: dict | None) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| variant | minutes | epochs (best) | best val acc. | val accuracy | val tumor sens. | "
-             "val T2-like tumors | val T1-like healthy | external tumors |", "|---|" + "---|" * 8]
+    lines = ["| variant | minutes | epochs (best) | best val acc. | val accuracy | with flip TTA | val tumor sens. | "
+             "val T2-like tumors | val T1-like healthy | external tumors |", "|---|" + "---|" * 9]
     for row in rows:
         lines.append(f"| {row['variant']} | {row['minutes']:.1f} | {row['epochs_run']} ({row['best_epoch']}) | "
                      f"{100 * row['best_val_accuracy']:.1f}% | {_figure(row['val_accuracy'])} | "
+                     f"{_figure(row['val_accuracy_flip_tta'])} | "
                      f"{_figure(row['val_tumor_sensitivity'])} | {_figure(row['val_t2_like_tumor_sensitivity'])} | "
                      f"{_figure(row['val_t1_like_notumor_specificity'])} | "
                      f"{_figure(row.get('external_tumor_sensitivity'))} |")
