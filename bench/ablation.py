@@ -114,25 +114,19 @@ def train_variant(workspace: Path, model: str, seed: int, overrides: list[str], 
     return minutes
 
 
-def _figure(figure: dict | None) -> str:
-    if not figure:
-        return "–"
-    text = f"{100 * figure['value']:.1f}% ({figure['k']}/{figure['n']}"
-    if "ci_low" in figure:
-        text += f"; CI {100 * figure['ci_low']:.0f}–{100 * figure['ci_high']:.0f}%"
-    return text + ")"
-
-
 def markdown(rows: list[dict]) -> str:
+    from components.metrics import proportion_text
+
     lines = ["| variant | minutes | epochs (best) | best val acc. | val accuracy | with flip TTA | val tumor sens. | "
              "val T2-like tumors | val T1-like healthy | external tumors |", "|---|" + "---|" * 9]
     for row in rows:
         lines.append(f"| {row['variant']} | {row['minutes']:.1f} | {row['epochs_run']} ({row['best_epoch']}) | "
-                     f"{100 * row['best_val_accuracy']:.1f}% | {_figure(row['val_accuracy'])} | "
-                     f"{_figure(row['val_accuracy_flip_tta'])} | "
-                     f"{_figure(row['val_tumor_sensitivity'])} | {_figure(row['val_t2_like_tumor_sensitivity'])} | "
-                     f"{_figure(row['val_t1_like_notumor_specificity'])} | "
-                     f"{_figure(row.get('external_tumor_sensitivity'))} |")
+                     f"{100 * row['best_val_accuracy']:.1f}% | {proportion_text(row['val_accuracy'])} | "
+                     f"{proportion_text(row['val_accuracy_flip_tta'])} | "
+                     f"{proportion_text(row['val_tumor_sensitivity'])} | "
+                     f"{proportion_text(row['val_t2_like_tumor_sensitivity'])} | "
+                     f"{proportion_text(row['val_t1_like_notumor_specificity'])} | "
+                     f"{proportion_text(row.get('external_tumor_sensitivity'))} |")
     return "\n".join(lines)
 
 

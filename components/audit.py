@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from components.config import AuditParams, Params, ProjectError
-from components.metrics import NO_TUMOR, probability_columns, proportion
+from components.metrics import NO_TUMOR, probability_columns, proportion, proportion_text
 from components.style import STYLE_FEATURES, T1, T2, read_styles
 
 log = logging.getLogger(__name__)
@@ -175,15 +175,6 @@ def run_audit(params: Params) -> dict:
     return {"report": str(params.paths.audit_report), "style_only": predictor, "counter_shortcut_gaps": gaps}
 
 
-def _figure(figure: dict | None) -> str:
-    if not figure:
-        return "–"
-    text = f"{100 * figure['value']:.1f}% ({figure['k']}/{figure['n']}"
-    if "ci_low" in figure:
-        text += f"; CI {100 * figure['ci_low']:.0f}–{100 * figure['ci_high']:.0f}%"
-    return text + ")"
-
-
 def _crosstab(table: dict, columns: list[str]) -> list[str]:
     lines = ["| label | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for label, row in table.items():
@@ -201,7 +192,7 @@ def markdown(summary: dict, classes: list[str]) -> str:
     if method.get("why"):
         lines.append(f"Fallback: {method['why']}.")
     if method.get("agreement"):
-        lines.append(f"Agreement with the hand labels: {_figure(method['agreement'])}"
+        lines.append(f"Agreement with the hand labels: {proportion_text(method['agreement'])}"
                      + (f" ({method['agreement_note']})." if method.get("agreement_note") else "."))
     lines += ["", "All scans in use:", ""] + _crosstab(tables["weighting_by_label"], [T1, T2])
     lines += ["", "Official test split:", ""] + _crosstab(tables["weighting_by_label_test"], [T1, T2])
@@ -234,7 +225,7 @@ def markdown(summary: dict, classes: list[str]) -> str:
             figures = by_cell.get(cell, {})
             key = "accuracy" if cell == "all" else (
                 "tumor_specificity" if cell.startswith(NO_TUMOR) else "tumor_sensitivity")
-            row.append(_figure(figures.get(key)))
+            row.append(proportion_text(figures.get(key)))
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     lines += ["", "Column `all` is accuracy (4 classes); tumor columns are tumor sensitivity, notumor columns "
               "specificity.", "", "## Counter-shortcut gap", "",

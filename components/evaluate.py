@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import RocCurveDisplay  # noqa: E402
 
 from components.config import Params  # noqa: E402
-from components.metrics import full_metrics, plot_confusion, reliability, scores  # noqa: E402
+from components.metrics import full_metrics, plot_confusion, reliability, save_figure, scores  # noqa: E402
 from components.stack import SOFT_VOTE, STACK, load_predictions  # noqa: E402
 
 TEST_SETS = {"test": "official test", "test_clean": "clean test"}
@@ -45,10 +45,7 @@ def plot_roc(frame: pd.DataFrame, classes: list[str], title: str, out: Path) -> 
                                          plot_chance_level=k == drawable[-1])
     axis.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out)
 
 
 def plot_reliability(frames: dict[str, pd.DataFrame], classes: list[str], bins: int, out: Path) -> Path:
@@ -61,10 +58,7 @@ def plot_reliability(frames: dict[str, pd.DataFrame], classes: list[str], bins: 
     axis.plot([0, 1], [0, 1], "k--", linewidth=0.8)
     axis.set(xlabel="confidence", ylabel="accuracy", title="reliability (official test)")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out)
 
 
 def gradcam_examples(params: Params, name: str, frame: pd.DataFrame, out: Path) -> list[Path]:

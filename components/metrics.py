@@ -39,6 +39,25 @@ def proportion(value: float, k: int, n: int, interval_below: int, confidence: fl
     return figure
 
 
+def proportion_text(figure: dict | None) -> str:
+    """A proportion() as `93.9% (851/906)`, with `; CI 41–64%` inside the brackets when it has an interval."""
+    if not figure:
+        return "–"
+    text = f"{100 * figure['value']:.1f}% ({figure['k']}/{figure['n']}"
+    if "ci_low" in figure:
+        text += f"; CI {100 * figure['ci_low']:.0f}–{100 * figure['ci_high']:.0f}%"
+    return text + ")"
+
+
+def save_figure(figure, out: Path) -> Path:
+    """Lay out, write (making the folder) and close a matplotlib figure."""
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
 def probability_columns(classes: list[str]) -> list[str]:
     return [f"prob_{c}" for c in classes]
 
@@ -164,11 +183,7 @@ def plot_confusion(labels: np.ndarray, probabilities: np.ndarray, classes: list[
                                             colorbar=False, xticks_rotation=30, ax=axis)
     axis.set(xlabel="predicted", ylabel="true", title=title)
     plt.setp(axis.get_xticklabels(), ha="right")
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out)
 
 
 def plot_history(history: pd.DataFrame, title: str, out: Path) -> Path:
@@ -179,11 +194,7 @@ def plot_history(history: pd.DataFrame, title: str, out: Path) -> Path:
                 axis.plot(history["epoch"] + 1, history[column], marker="o", label=column)
         axis.set(xlabel="epoch", title=f"{title}: {metric}")
         axis.legend()
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out)
 
 
 def plot_learning_curves(curves: dict[str, pd.DataFrame], metric: str, out: Path) -> Path:
@@ -194,8 +205,4 @@ def plot_learning_curves(curves: dict[str, pd.DataFrame], metric: str, out: Path
     axis.set(xlabel="minutes of training", ylabel=metric, title=f"{metric} against training time")
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out)
