@@ -14,8 +14,8 @@ For each variant (`name`, then its `-S` overrides) it runs the stage's own comma
 
 The workspace is a clone of the repo with the data imported and `dvc repro style` run (the splits and the style
 table): the trainings overwrite its models/MODEL and predictions/MODEL, so use one kept for this. Results go to
-bench/results/ablation.json (each run appends) and a markdown table is printed. Variants run one after another:
-on 2 cores a training already uses both.
+bench/results/ablation.json (each run appends, and records after every variant) and a markdown table is printed.
+Variants run one after another: on 2 cores a training already uses both.
 
 Usage: python -m bench.ablation --workspace DIR [--model custom_cnn] [--seed 42]
        [--variant NAME KEY=VALUE ...]... (default: the variants in VARIANTS)
@@ -156,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     external = external_scans(params, external_dir) if external_dir else None
     logs = workspace / "logs" / "ablation"
     logs.mkdir(parents=True, exist_ok=True)
-    rows = []
+    record = {"when": now(), "machine": machine(), "model": args.model, "seed": args.seed,
+              "external": str(args.external), "external_scans": None if external is None else len(external),
+              "rows": []}
+    history = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    rows = record["rows"]
     for name, variant in variants.items():
         overrides = overrides_for(variant, args.model, params)
         variant_params = load_params(workspace / "params.yaml", [f"seed={args.seed}", *overrides])
@@ -166,12 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"variant": name, "overrides": overrides, "minutes": minutes,
                      **judge(workspace, variant_params, args.model, external)})
         print(markdown(rows[-1:]), flush=True)
-    record = {"when": now(), "machine": machine(), "model": args.model, "seed": args.seed,
-              "external": str(args.external), "external_scans": None if external is None else len(external),
-              "rows": rows}
-    history = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps([*history, record], indent=2) + "\n")
+        # recorded after every variant: an interrupted ablation keeps the variants it finished
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps([*history, record], indent=2) + "\n")
     print(markdown(rows))
     print(f"recorded in {RESULTS}")
     return 0
