@@ -16,18 +16,9 @@ import statistics
 import time
 
 from bench.training import machine, now, write_results
+from components.devices import cpu_flags
 
 POLICIES = ("float32", "mixed_bfloat16")  # the baseline first
-
-
-def cpu_flags() -> list[str]:
-    """The bf16-related flags of /proc/cpuinfo (empty where there is none)."""
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
 
 
 def bench_model(params, frame, name: str, repeats: int) -> dict:
@@ -73,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = load_params()
     frame = read_split(params.paths.splits, "train")
     frame = frame.sample(min(args.images, len(frame)), random_state=params.seed)
-    results = {"machine": machine(), "date": now(), "cpu_bf16_flags": cpu_flags(), "images": len(frame),
+    results = {"machine": machine(), "date": now(), "cpu_bf16_flags": sorted(f for f in cpu_flags() if "bf16" in f or f.startswith("amx")), "images": len(frame),
                "repeats": args.repeats, "models": []}
     print(f"CPU bf16 flags: {' '.join(results['cpu_bf16_flags']) or 'none'}")
     for name in args.models:

@@ -157,6 +157,7 @@ class ModelParams(Section):
     weights: str
     unfreeze_layers: int = Field(ge=-1)
     bn_momentum: float = Field(gt=0, lt=1)
+    cpu_bfloat16: bool
     filters: list[int] = Field(default_factory=list)  # custom_cnn only
     augmentation: Augmentation
 

@@ -9,8 +9,10 @@ import os
 import shutil
 import subprocess
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from components.config import DeviceParams, ParamsError, TrainParams
 
@@ -75,8 +77,29 @@ def process_env(device: int | None, base: dict[str, str] | None = None) -> dict[
     return env
 
 
-def configure_tensorflow(train: TrainParams, seed: int) -> dict[str, object]:
-    """Inside a training process: memory growth, seeds, determinism; mixed precision and XLA only on a GPU."""
+# The CPU units TensorFlow's oneDNN kernels use for bfloat16; without one, bfloat16 is emulated and slower.
+BFLOAT16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags (empty where `cpuinfo` cannot be read, as off Linux)."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+
+
+def precision_policy(train: TrainParams, cpu_bfloat16: bool, gpus: int, flags: frozenset[str]) -> str:
+    """The Keras dtype policy of a training: float16 on a GPU (`train.mixed_precision`), bfloat16 on a CPU with
+    bf16 units (the model's `cpu_bfloat16`), float32 otherwise."""
+    if gpus:
+        return "mixed_float16" if train.mixed_precision else "float32"
+    return "mixed_bfloat16" if cpu_bfloat16 and flags & BFLOAT16_CPU_FLAGS else "float32"
+
+
+def configure_tensorflow(train: TrainParams, seed: int, cpu_bfloat16: bool = False) -> dict[str, object]:
+    """Inside a training process: memory growth, seeds, determinism; the precision policy; XLA only on a GPU."""
     import keras
     import tensorflow as tf
 
@@ -86,6 +109,11 @@ def configure_tensorflow(train: TrainParams, seed: int) -> dict[str, object]:
     keras.utils.set_random_seed(seed)
     if train.deterministic:
         tf.config.experimental.enable_op_determinism()
-    mixed = bool(gpus) and train.mixed_precision
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
-    return {"gpus": len(gpus), "mixed_precision": mixed, "jit_compile": bool(gpus) and train.xla}
+    policy = precision_policy(train, cpu_bfloat16, len(gpus), cpu_flags())
+    if cpu_bfloat16 and not gpus and policy == "float32":
+        warnings.warn("params.yaml models.<model>.cpu_bfloat16 is true, but this CPU has none of "
+                      f"{sorted(BFLOAT16_CPU_FLAGS)} in /proc/cpuinfo (bfloat16 would be emulated, slower): "
+                      "training in float32", stacklevel=2)
+    keras.mixed_precision.set_global_policy(policy)
+    return {"gpus": len(gpus), "mixed_precision": policy != "float32", "precision": policy,
+            "jit_compile": bool(gpus) and train.xla}

@@ -46,6 +46,7 @@ class TrainingSetup:
     device: str  # "GPU" | "CPU" (tag `device` of tracking.system_info) | "unknown" (no run found)
     gpu_name: str  # tag `gpu_name`: "none" on a CPU
     mixed_precision: bool  # tag `mixed_precision` of devices.configure_tensorflow
+    precision: str  # tag `precision` of devices.configure_tensorflow: the Keras dtype policy
     host: str
     weights: str  # "imagenet" | "none" | a weights file
 
@@ -60,7 +61,8 @@ def training_setup(model: str, tags: dict[str, str] | None, run_params: dict[str
     found, so the device is unknown and the weights are those of params.yaml."""
     tags, run_params = tags or {}, run_params or {}
     return TrainingSetup(model=model, device=tags.get("device", UNKNOWN), gpu_name=tags.get("gpu_name", "none"),
-                         mixed_precision=tags.get("mixed_precision") == "True", host=tags.get("host", UNKNOWN),
+                         mixed_precision=tags.get("mixed_precision") == "True",
+                         precision=tags.get("precision", "float32"), host=tags.get("host", UNKNOWN),
                          weights=run_params.get(f"models.{model}.weights", params_weights))
 
 
@@ -69,7 +71,7 @@ def _device_text(setup: TrainingSetup) -> str:
         name = f" ({setup.gpu_name})" if setup.gpu_name not in ("", "none") else ""
         return f"GPU{name}{', mixed precision' if setup.mixed_precision else ''}"
     if setup.device == "CPU":
-        return "CPU (no GPU visible)"
+        return f"CPU (no GPU visible){', bfloat16' if setup.precision == 'mixed_bfloat16' else ''}"
     return "unknown device (no MLflow training run found)"
 
 

@@ -189,7 +189,7 @@ def train_model(name: str, params: Params) -> TrainResult:
     for folder in (outputs.model.parent, outputs.predictions, outputs.plots):
         folder.mkdir(parents=True, exist_ok=True)
     _prepare_checkpoints(outputs, model_params)
-    device = configure_tensorflow(params.train, params.seed)
+    device = configure_tensorflow(params.train, params.seed, model_params.cpu_bfloat16)
 
     frames = {split: read_split(params.paths.splits, split) for split in ("train", *PREDICTED_SPLITS)}
     cache_dir = outputs.checkpoints / "cache"

@@ -6,8 +6,9 @@ import keras
 import pytest
 import tensorflow as tf
 
+from components import devices
 from components.config import load_params
-from components.devices import configure_tensorflow
+from components.devices import configure_tensorflow, cpu_flags, precision_policy
 from components.models import build_model
 from tests.conftest import ROOT
 
@@ -47,7 +48,7 @@ def test_every_gpu_profile_override_exists_validates_and_changes_something():
 def test_mixed_precision_and_xla_switch_on_only_with_a_visible_gpu(monkeypatch, float32_policy_after):
     params = load_params(ROOT / "params.yaml", gpu_profile_overrides())
     on_cpu = configure_tensorflow(params.train, params.seed)
-    assert on_cpu == {"gpus": 0, "mixed_precision": False, "jit_compile": False}
+    assert on_cpu == {"gpus": 0, "mixed_precision": False, "precision": "float32", "jit_compile": False}
     assert keras.mixed_precision.global_policy().name == "float32"
 
     fake_gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")
@@ -55,7 +56,7 @@ def test_mixed_precision_and_xla_switch_on_only_with_a_visible_gpu(monkeypatch, 
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [fake_gpu] if kind == "GPU" else [])
     monkeypatch.setattr(tf.config.experimental, "set_memory_growth", lambda gpu, on: grown.append((gpu, on)))
     on_gpu = configure_tensorflow(params.train, params.seed)
-    assert on_gpu == {"gpus": 1, "mixed_precision": True, "jit_compile": True}
+    assert on_gpu == {"gpus": 1, "mixed_precision": True, "precision": "mixed_float16", "jit_compile": True}
     assert grown == [(fake_gpu, True)], "memory growth is on for the process's GPU"
     assert keras.mixed_precision.global_policy().name == "mixed_float16"
 
@@ -64,3 +65,29 @@ def test_mixed_precision_and_xla_switch_on_only_with_a_visible_gpu(monkeypatch, 
     model = build_model("mobilenetv2", small, params.train, len(params.data.classes))
     assert model.output.dtype == "float32"
     assert any(layer.dtype_policy.name == "mixed_float16" for layer in model.layers)
+
+
+def test_cpu_bfloat16_applies_only_on_a_cpu_with_bf16_units(monkeypatch, tmp_path, float32_policy_after):
+    params = load_params(ROOT / "params.yaml", ["models.custom_cnn.cpu_bfloat16=true"])
+    asked = params.model("custom_cnn").cpu_bfloat16
+    assert asked and not params.model("resnet50").cpu_bfloat16, "one model's key leaves the others alone"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: some Xeon\nflags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n")
+    with_units, without = cpu_flags(cpuinfo), frozenset({"fpu", "avx2"})
+    assert "amx_bf16" in with_units and cpu_flags(tmp_path / "missing") == frozenset()
+    assert precision_policy(params.train, asked, 0, with_units) == "mixed_bfloat16"
+    assert precision_policy(params.train, asked, 0, without) == "float32"
+    assert precision_policy(params.train, asked, 1, with_units) == "float32", "a GPU takes train.mixed_precision"
+    assert precision_policy(params.train, False, 0, with_units) == "float32"
+
+    # Asked for on a CPU without the units: float32, and a warning that names the key.
+    monkeypatch.setattr(devices, "cpu_flags", lambda: without)
+    with pytest.warns(UserWarning, match="cpu_bfloat16"):
+        setup = configure_tensorflow(params.train, params.seed, asked)
+    assert setup["precision"] == "float32" and keras.mixed_precision.global_policy().name == "float32"
+    monkeypatch.setattr(devices, "cpu_flags", lambda: with_units)
+    assert configure_tensorflow(params.train, params.seed, asked)["precision"] == "mixed_bfloat16"
+    small = params.model("custom_cnn").model_copy(update={"image_size": 32})
+    model = build_model("custom_cnn", small, params.train, len(params.data.classes))
+    assert model.output.dtype == "float32", "the softmax stays float32 under bfloat16 too"
+    assert any(layer.dtype_policy.name == "mixed_bfloat16" for layer in model.layers)

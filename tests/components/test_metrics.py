@@ -189,6 +189,9 @@ def test_report_hardware_line_for_a_cpu_run_from_scratch():
     assert "every training on CPU" in where and "GPU (" not in where
     assert "every model from scratch" in weights and "pretrained" not in weights
     assert headline(setups) == "CPU, from scratch"
+    assert "bfloat16" not in where
+    bfloat16 = [training_setup("resnet50", {**CPU_TAGS, "precision": "mixed_bfloat16"}, None, "none")]
+    assert "CPU (no GPU visible), bfloat16" in hardware_lines(bfloat16)[0]
 
 
 def test_report_names_each_model_when_trainings_differ():
