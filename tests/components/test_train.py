@@ -77,6 +77,22 @@ def test_a_killed_training_resumes_from_its_saved_epoch(workspace):
     assert min(m.step for m in mlflow.MlflowClient().get_metric_history(result.run_id, "loss")) == saved
 
 
+def test_the_same_seed_with_determinism_on_trains_the_same_model_in_two_processes(workspace):
+    """`train.deterministic: true`: two `braintumor train` processes of one seed (each a fresh TensorFlow, as two
+    `dvc repro` runs are) give bit-identical val predictions, augmentation and shuffling included."""
+    overrides = tiny_overrides(["models.custom_cnn.epochs=2", "train.deterministic=true"])
+    command = ["braintumor", *[arg for o in overrides for arg in ("-S", o)], "train", "--model", "custom_cnn"]
+    params = tiny_params(workspace, ["train.deterministic=true"])
+    columns = [f"prob_{c}" for c in params.data.classes]
+    runs = []
+    for _ in range(2):
+        subprocess.run(command, cwd=workspace, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        runs.append(pd.read_parquet(Outputs.of(params, "custom_cnn").predictions / "val.parquet")[columns].to_numpy())
+    assert runs[0].std() > 0, "the model learned something to compare"
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
 def test_changed_params_discard_resume_state(workspace):
     params = tiny_params(workspace)
     outputs = Outputs.of(params, "custom_cnn")
