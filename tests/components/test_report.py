@@ -82,6 +82,17 @@ def test_targets_are_judged_on_the_full_split_with_the_audit_external_and_seeds(
     assert not checks["all trainings <= 90 min"]
 
 
+def test_training_wall_time_counts_trainings_that_ran_at_once_once():
+    from components.report import StageTime, busy_seconds
+
+    in_a_row = [StageTime("train@a", "1", 60, start=0), StageTime("train@b", "2", 30, start=100)]
+    assert busy_seconds(in_a_row) == 90
+    two_at_once = [StageTime("train@a", "1", 60, start=0), StageTime("train@b", "2", 50, start=30),
+                   StageTime("train@c", "3", 10, start=40)]  # b overlaps a; c lies inside both
+    assert busy_seconds(two_at_once) == 80
+    assert busy_seconds([]) == 0
+
+
 def test_seed_spread_is_max_minus_min_and_undefined_for_one_seed():
     spreads = seed_spreads({1: {"a": full(0.90), "b": full(0.5)}, 2: {"a": full(0.93)}, 3: {"a": full(0.91)}})
     assert abs(spreads["a"] - 0.03) < 1e-9 and spreads["b"] is None
