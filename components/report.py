@@ -440,6 +440,17 @@ def curves_section(curves: dict[str, pd.DataFrame], monitor: str, image: str | N
     return "\n".join(lines) + (f"\n\n![{monitor} against training minutes]({image})" if image else "")
 
 
+def reproducibility_text(params: Params) -> str:
+    """What a re-run of this page's run reproduces, by `train.deterministic`."""
+    search = (f"FLAML searches the meta-learner for a fixed time (`stack.time_budget` {params.stack.time_budget:g} s), "
+              "so the stack can differ where the search got further; the seed table above is the measured spread.")
+    if params.train.deterministic:
+        return ("Training is bit-exact on the same machine type (`train.deterministic: true`: op determinism and "
+                "ordered `tf.data`); another CPU changes the last bits of its kernels, and so the models. " + search)
+    return ("Training is seeded but not bit-exact (`train.deterministic: false`: multi-threaded CPU kernels and "
+            "unordered `tf.data`). " + search)
+
+
 def profile_table(params: Params, setups: list[TrainingSetup] | None = None) -> str:
     """One row per model; the weights column is what each training logged when `setups` has it."""
     logged = {s.model: s.weights for s in setups or []}
@@ -580,8 +591,7 @@ Registered by run `{registered.get('run_id', 'n/a')}`:
 ## Reproducing
 
 `dvc repro` (or `braintumor flow train`) on this commit and data, then `braintumor report`; a second seed with
-`braintumor flow train -S seed=43`. Training is seeded but not bit-exact (`train.deterministic: false`:
-multi-threaded CPU kernels), and FLAML searches for a fixed time; the seed table above is the measured spread.
+`braintumor flow train -S seed=43`. {reproducibility_text(params)}
 """
     out = Path(settings.out)
     out.parent.mkdir(parents=True, exist_ok=True)
