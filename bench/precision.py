@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     params = load_params()
     frame = read_split(params.paths.splits, "train")
     frame = frame.sample(min(args.images, len(frame)), random_state=params.seed)
-    results = {"machine": machine(), "date": now(), "cpu_bf16_flags": sorted(f for f in cpu_flags() if "bf16" in f or f.startswith("amx")), "images": len(frame),
+    bf16_flags = sorted(f for f in cpu_flags() if "bf16" in f or f.startswith("amx"))
+    results = {"machine": machine(), "date": now(), "cpu_bf16_flags": bf16_flags, "images": len(frame),
                "repeats": args.repeats, "models": []}
     print(f"CPU bf16 flags: {' '.join(results['cpu_bf16_flags']) or 'none'}")
     for name in args.models:

@@ -20,22 +20,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from components.devices import cpuinfo_value
+
 RESULTS_DIR = Path(__file__).parent / "results"
 RESULTS = RESULTS_DIR / "training.json"
 
 
 def machine() -> str:
     """Host, CPU model and cores: machines of one kind differ up to 3x, so every figure names the CPU it ran on."""
-    return f"{platform.node()} {cpu_model() or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
-def cpu_model() -> str:
-    """The `model name` of /proc/cpuinfo ('' where there is none)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    return f"{platform.node()} {cpuinfo_value('model name') or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def now() -> str:

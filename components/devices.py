@@ -81,13 +81,18 @@ def process_env(device: int | None, base: dict[str, str] | None = None) -> dict[
 BFLOAT16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """The CPU's feature flags (empty where `cpuinfo` cannot be read, as off Linux)."""
+def cpuinfo_value(key: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The first CPU's `key` line of `cpuinfo` ('' where it cannot be read, as off Linux, or has no such key)."""
     try:
         lines = cpuinfo.read_text().splitlines()
     except OSError:
-        return frozenset()
-    return frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == key), "")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags (empty where `cpuinfo` cannot be read)."""
+    return frozenset(cpuinfo_value("flags", cpuinfo).split())
 
 
 def precision_policy(train: TrainParams, cpu_bfloat16: bool, gpus: int, flags: frozenset[str]) -> str:

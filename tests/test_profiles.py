@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from components import devices
 from components.config import load_params
-from components.devices import configure_tensorflow, cpu_flags, precision_policy
+from components.devices import configure_tensorflow, cpu_flags, cpuinfo_value, precision_policy
 from components.models import build_model
 from tests.conftest import ROOT
 
@@ -75,6 +75,7 @@ def test_cpu_bfloat16_applies_only_on_a_cpu_with_bf16_units(monkeypatch, tmp_pat
     cpuinfo.write_text("processor\t: 0\nmodel name\t: some Xeon\nflags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n")
     with_units, without = cpu_flags(cpuinfo), frozenset({"fpu", "avx2"})
     assert "amx_bf16" in with_units and cpu_flags(tmp_path / "missing") == frozenset()
+    assert cpuinfo_value("model name", cpuinfo) == "some Xeon" and cpuinfo_value("model", cpuinfo) == ""
     assert precision_policy(params.train, asked, 0, with_units) == "mixed_bfloat16"
     assert precision_policy(params.train, asked, 0, without) == "float32"
     assert precision_policy(params.train, asked, 1, with_units) == "float32", "a GPU takes train.mixed_precision"

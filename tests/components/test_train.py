@@ -86,8 +86,9 @@ def test_the_same_seed_with_determinism_on_trains_the_same_model_in_two_processe
     columns = [f"prob_{c}" for c in params.data.classes]
     runs = []
     for _ in range(2):
-        subprocess.run(command, cwd=workspace, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        done = subprocess.run(command, cwd=workspace, capture_output=True, text=True,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        assert done.returncode == 0, done.stderr[-2000:]
         runs.append(pd.read_parquet(Outputs.of(params, "custom_cnn").predictions / "val.parquet")[columns].to_numpy())
     assert runs[0].std() > 0, "the model learned something to compare"
     np.testing.assert_array_equal(runs[0], runs[1])
