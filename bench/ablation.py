@@ -52,13 +52,14 @@ def overrides_for(variant: list[str], model: str, params) -> list[str]:
 
 
 def external_scans(params, source: Path):
-    """The readable scans of `source` that are no exact or near duplicate of a Kaggle image."""
-    from components.external import detect_layout, find_duplicates, load_manifest, scan_source
+    """The readable scans of `source` that evaluate-external would score: no model trained on them and none
+    duplicates an image of the imported data set (components.external.why_dropped)."""
+    from components.external import detect_layout, find_duplicates, load_workspace, scan_source, why_dropped
 
     scans = scan_source(source, detect_layout(source, params.data.classes), params)
-    scans = scans.join(find_duplicates(scans, load_manifest(params), params.paths.raw,
+    scans = scans.join(find_duplicates(scans, load_workspace(params), params.paths.raw,
                                        params.split.near_duplicate_distance))
-    return scans[scans.duplicate.isna() & scans.readable].reset_index(drop=True)
+    return scans[why_dropped(scans, params.manifest.base_source).isna() & scans.readable].reset_index(drop=True)
 
 
 def judge(workspace: Path, params, model: str, external) -> dict:
@@ -69,12 +70,12 @@ def judge(workspace: Path, params, model: str, external) -> dict:
 
     from components.audit import per_cell
     from components.dataset import load_images
-    from components.metrics import NO_TUMOR, proportion
+    from components.metrics import NO_TUMOR, labelled_figures, proportion
     from components.style import T1, T2, read_styles
 
-    classes, audit = params.data.classes, params.audit
+    classes, settings = params.data.classes, params.evaluate
     val = pd.read_parquet(workspace / params.paths.predictions / model / "val.parquet")
-    cells = per_cell({model: val}, read_styles(params), classes, audit)[model]
+    cells = per_cell({model: val}, read_styles(params), classes, settings)[model]
     history = pd.read_csv(workspace / params.paths.plots / model / "history.csv")
     out = {
         "epochs_run": len(history),
@@ -91,15 +92,13 @@ def judge(workspace: Path, params, model: str, external) -> dict:
     images = load_images(val, size, params.data.preprocess)
     mirrored = (network.predict(images, verbose=0) + network.predict(images[:, :, ::-1], verbose=0)) / 2
     right = int((mirrored.argmax(axis=1) == val.label.map({c: i for i, c in enumerate(classes)}).to_numpy()).sum())
-    out["val_accuracy_flip_tta"] = proportion(right / len(val), right, len(val), audit.interval_below,
-                                              audit.confidence)
+    out["val_accuracy_flip_tta"] = proportion(right / len(val), right, len(val), settings.interval_below,
+                                              settings.confidence)
     if external is not None and len(external):
         probabilities = network.predict(load_images(external, size, params.data.preprocess), verbose=0)
-        called_tumor = 1 - probabilities[:, classes.index(NO_TUMOR)] >= audit.tumor_threshold
-        tumor = external.tumor.to_numpy()
-        hits = int(called_tumor[tumor].sum())
-        out["external_tumor_sensitivity"] = proportion(hits / max(tumor.sum(), 1), hits, int(tumor.sum()),
-                                                       audit.interval_below, audit.confidence)
+        figures = labelled_figures(external.label.to_numpy(), probabilities, classes, settings.tumor_threshold,
+                                   settings.interval_below, settings.confidence)
+        out["external_tumor_sensitivity"] = figures.get("tumor_sensitivity")
     keras.backend.clear_session()
     return out
 

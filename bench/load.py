@@ -496,7 +496,7 @@ def missing_points(tracking_uri: str, run_ids: list[str], epochs: int, metrics: 
 def bench_tracking(args, work: Path) -> dict:
     from mlflow import MlflowClient
 
-    from components import services as svc
+    from flows import services as svc
     from components.config import load_params
 
     ports: set[int] = set()

@@ -6,7 +6,7 @@ model does on the scans that contradict it.
 2. The label x style tables, and how well style alone predicts the label: a gradient-boosted classifier on the
    style features, cross-validated on the training pool, against chance (the majority class).
 3. Every base model, soft voting and the stack on the official test split, per style cell: accuracy and tumor
-   sensitivity (tumor vs none, called tumor when 1 - P(notumor) >= audit.tumor_threshold). The counter-shortcut
+   sensitivity (tumor vs none, metrics.tumor_call at evaluate.tumor_threshold). The counter-shortcut
    cells are tumors that look T2-like and healthy scans that look T1-like.
 
 Writes paths.audit_report (markdown, git) and paths.metrics/audit.json (DVC metrics).
@@ -20,8 +20,8 @@ import logging
 import numpy as np
 import pandas as pd
 
-from components.config import AuditParams, Params, ProjectError
-from components.metrics import NO_TUMOR, probability_columns, proportion, proportion_text
+from components.config import EvaluateParams, Params, ProjectError
+from components.metrics import NO_TUMOR, labelled_figures, probability_columns, proportion, proportion_text
 from components.style import STYLE_FEATURES, T1, T2, read_styles
 
 log = logging.getLogger(__name__)
@@ -65,29 +65,15 @@ def style_only(features: pd.DataFrame, classes: list[str], seed: int, folds: int
     return out
 
 
-def cell_metrics(frame: pd.DataFrame, classes: list[str], audit: AuditParams) -> dict:
-    """Accuracy and tumor sensitivity (or, for healthy scans, specificity) of one model's test predictions in one
-    cell, with counts (and a Wilson interval below audit.interval_below scans)."""
-    probabilities = frame[probability_columns(classes)].to_numpy()
-    right = probabilities.argmax(axis=1) == frame.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
-    called_tumor = 1 - probabilities[:, classes.index(NO_TUMOR)] >= audit.tumor_threshold
-    tumor = (frame.label != NO_TUMOR).to_numpy()
-    n = len(frame)
-    out = {"accuracy": proportion(float(right.mean()) if n else 0.0, int(right.sum()), n, audit.interval_below,
-                                  audit.confidence)}
-    if tumor.any():
-        hits = int(called_tumor[tumor].sum())
-        out["tumor_sensitivity"] = proportion(hits / tumor.sum(), hits, int(tumor.sum()), audit.interval_below,
-                                              audit.confidence)
-    if (~tumor).any():
-        passes = int((~called_tumor[~tumor]).sum())
-        out["tumor_specificity"] = proportion(passes / (~tumor).sum(), passes, int((~tumor).sum()),
-                                              audit.interval_below, audit.confidence)
-    return out
+def cell_metrics(frame: pd.DataFrame, classes: list[str], settings: EvaluateParams) -> dict:
+    """Accuracy, tumor sensitivity and specificity of one model's predictions in one cell (metrics.labelled_figures:
+    counts, and a Wilson interval below evaluate.interval_below scans)."""
+    return labelled_figures(frame.label.to_numpy(), frame[probability_columns(classes)].to_numpy(), classes,
+                            settings.tumor_threshold, settings.interval_below, settings.confidence)
 
 
 def per_cell(predictions: dict[str, pd.DataFrame], styles: pd.DataFrame, classes: list[str],
-             audit: AuditParams) -> dict[str, dict[str, dict]]:
+             settings: EvaluateParams) -> dict[str, dict[str, dict]]:
     """{model: {cell: metrics}} on test. Cells: all, tumor/notumor x T1-like/T2-like, and the counter-shortcut
     cells by name."""
     out = {}
@@ -99,7 +85,7 @@ def per_cell(predictions: dict[str, pd.DataFrame], styles: pd.DataFrame, classes
             cells[kind] = frame[side == kind]
             for weighting in (T1, T2):
                 cells[f"{kind} {weighting}"] = frame[(side == kind) & (frame.weighting == weighting)]
-        out[name] = {cell: cell_metrics(rows, classes, audit) for cell, rows in cells.items() if len(rows)}
+        out[name] = {cell: cell_metrics(rows, classes, settings) for cell, rows in cells.items() if len(rows)}
     return out
 
 
@@ -133,13 +119,13 @@ def run_audit(params: Params) -> dict:
 
     from components import tracking
 
-    audit, classes = params.audit, params.data.classes
+    audit, settings, classes = params.audit, params.evaluate, params.data.classes
     styles = read_styles(params)
     method = json.loads((params.paths.metrics / "style.json").read_text())["weighting_method"]
     if method.get("agreement"):
         agreement = method["agreement"]
-        method["agreement"] = proportion(agreement["value"], agreement["k"], agreement["n"], audit.interval_below,
-                                         audit.confidence)
+        method["agreement"] = proportion(agreement["value"], agreement["k"], agreement["n"],
+                                         settings.interval_below, settings.confidence)
 
     used = styles[styles.split != "excluded"]
     tables = {
@@ -149,10 +135,10 @@ def run_audit(params: Params) -> dict:
         "stored_mode_by_label": pd.crosstab(used.label, used["mode"]).to_dict(orient="index"),
     }
     predictor = style_only(used, classes, params.seed, audit.folds)
-    cells = per_cell(load_test_predictions(params), styles, classes, audit)
+    cells = per_cell(load_test_predictions(params), styles, classes, settings)
     gaps = shortcut_gaps(cells)
     summary = {"weighting_method": method, "tables": tables, "style_only": predictor, "test_cells": cells,
-               "counter_shortcut_gaps": gaps, "tumor_threshold": audit.tumor_threshold,
+               "counter_shortcut_gaps": gaps, "tumor_threshold": settings.tumor_threshold,
                "scans": len(styles), "scans_used": len(used),
                "gap_target_points": params.report.counter_shortcut_gap_points}
     params.paths.metrics.mkdir(parents=True, exist_ok=True)

@@ -80,12 +80,14 @@ class ManifestParams(Section):
     hash_size: int = Field(gt=1)
     max_image_pixels: int = Field(gt=0)
     workers: int = Field(ge=1)
+    base_source: str = Field(min_length=1)
 
 
 class ValidateParams(Section):
     min_side: int
     max_side: int
     allowed_modes: list[str]
+    weightings: list[str] = Field(min_length=1)
     min_class_share: float = Field(ge=0, le=1)
     max_class_share: float = Field(ge=0, le=1)
     max_quarantine_share: float = Field(ge=0, le=1)
@@ -161,9 +163,15 @@ class ModelParams(Section):
     filters: list[int] = Field(default_factory=list)  # custom_cnn only
     augmentation: Augmentation
 
-    @property
-    def pretrained(self) -> bool:
-        return self.weights != "none"
+
+# components.models builds these without a Keras application backbone: there are no pretrained weights to load.
+NO_BACKBONE = frozenset({"custom_cnn"})
+
+
+def is_pretrained(model: str, weights: str) -> bool:
+    """The one definition: a model starts from pretrained weights when it has a backbone and `weights` is not
+    "none". Training (one phase or head + fine-tune), the model builder and the report all ask this."""
+    return weights != "none" and model not in NO_BACKBONE
 
 
 class StackParams(Section):
@@ -177,8 +185,12 @@ class StackParams(Section):
 
 
 class EvaluateParams(Section):
+    """Settings every report shares: evaluate, audit, evaluate-external, the results page, the ablation."""
     gradcam_examples: int = Field(ge=0)
     calibration_bins: int = Field(ge=2)
+    tumor_threshold: float = Field(gt=0, lt=1)
+    interval_below: int = Field(ge=0)
+    confidence: float = Field(gt=0, lt=1)
 
 
 class RegisterParams(Section):
@@ -213,6 +225,12 @@ class FlowParams(Section):
     inference_root: Path
     predictions_dir: Path
     server_startup_timeout: int = Field(ge=1)
+    ray_address: str | None
+    shared_workspace: bool
+    git_remote: str
+    dvc_remote: str | None
+    ray_stage_resources: dict[str, float]
+    ray_node_retries: int = Field(ge=0)
 
 
 class DeviceParams(Section):
@@ -224,20 +242,22 @@ class ReportParams(Section):
     out: Path
     figures: Path
     base_model_target: float = Field(ge=0, le=1)
+    model_targets: dict[str, float] = Field(default_factory=dict)
     stack_target: float = Field(ge=0, le=1)
     tumor_sensitivity_target: float = Field(ge=0, le=1)
     tumor_specificity_target: float = Field(ge=0, le=1)
     ece_target: float = Field(ge=0, le=1)
     counter_shortcut_gap_points: float = Field(ge=0)
+    t1_healthy_specificity_target: float = Field(ge=0, le=1)
     clean_gap_points: float = Field(ge=0)
     seed_spread_points: float = Field(ge=0)
     stack_seed_spread_points: float = Field(ge=0)
     external_sensitivity_target: float = Field(ge=0, le=1)
+    external_specificity_target: float = Field(ge=0, le=1)
+    external_accuracy_target: float = Field(ge=0, le=1)
     external_reports: list[Path]
-    seeds_dir: Path
+    runs_dir: Path
     training_budget_minutes: float = Field(gt=0)
-    interval_below: int = Field(ge=0)
-    confidence: float = Field(gt=0, lt=1)
 
 
 class StyleParams(Section):
@@ -251,16 +271,10 @@ class StyleParams(Section):
 
 class AuditParams(Section):
     folds: int = Field(ge=2)
-    tumor_threshold: float = Field(gt=0, lt=1)
-    interval_below: int = Field(ge=0)
-    confidence: float = Field(gt=0, lt=1)
 
 
 class ExternalParams(Section):
     out_dir: Path
-    tumor_threshold: float = Field(gt=0, lt=1)
-    interval_below: int = Field(ge=0)
-    confidence: float = Field(gt=0, lt=1)
 
 
 class MonitorParams(Section):
@@ -271,21 +285,33 @@ class MonitorParams(Section):
     ood_percentile: float = Field(gt=0, le=100)
     out_dir: Path
     min_scans: int = Field(ge=4)
-    embedding_drift_threshold: float = Field(ge=0.5, le=1)
-    style_drift_share: float = Field(gt=0, le=1)
-    class_mix_max_distance: float = Field(ge=0, le=1)
-    class_mix_alpha: float = Field(gt=0, lt=1)
-    max_ood_share: float = Field(ge=0, le=1)
+    false_alarm_rate: float = Field(gt=0, lt=1)
+    calibration_sizes: list[int] = Field(min_length=1)
+    calibration_draws: int = Field(ge=20)
     after_batch_predict: bool
     retrain_on_drift: bool
     retrain_on_new_data: bool
     event: str = Field(min_length=1)
 
 
+class QuickParams(Section):
+    """`braintumor quick`: the whole pipeline once on a sample at a small size, in a scratch checkout (flows.quick)."""
+    worktree: Path
+    data: Path
+    sample: int = Field(ge=4)
+    append: Path | None
+    append_labels: str
+    append_classes: list[str]
+    append_sample: int = Field(ge=1)
+    external: list[Path]
+    overrides: list[str]
+
+
 class TrackingParams(Section):
     experiment: str
     tracking_uri: str
     artifact_root: str
+    smoke: bool
 
 
 class PostgresServiceParams(Section):
@@ -348,6 +374,7 @@ class Params(Section):
     services: ServicesParams
     external: ExternalParams
     monitor: MonitorParams
+    quick: QuickParams
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     # `validate` and `register` are pydantic/ABC attribute names, so those sections are stored with a suffix.
@@ -359,10 +386,21 @@ class Params(Section):
     def register_params(self) -> RegisterParams:
         return self.register_
 
+    @model_validator(mode="after")
+    def _weights_need_a_backbone(self) -> Params:
+        for name in NO_BACKBONE & set(self.models):
+            if self.models[name].weights != "none":
+                raise ValueError(f"models.{name}.weights = {self.models[name].weights!r}: {name} has no pretrained "
+                                 f"backbone to load weights into; set models.{name}.weights: none")
+        return self
+
     def model(self, name: str) -> ModelParams:
         if name not in self.models:
             raise ParamsError(f"params.yaml has no models.{name}; known models: {', '.join(self.models)}")
         return self.models[name]
+
+    def pretrained(self, name: str) -> bool:
+        return is_pretrained(name, self.model(name).weights)
 
     def digest(self) -> str:
         """Short hash of every value, recorded on MLflow runs and registered versions."""

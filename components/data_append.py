@@ -1,6 +1,12 @@
 """Append labelled scans to data/raw as a new DVC version of it: `braintumor data import --source NEW --append`.
 
-NEW is a folder of labelled scans, NEW/<class>/... or NEW/Training/<class>/... (classes from params data.classes).
+NEW is a folder of labelled scans, NEW/<class>/... or NEW/Training/<class>/... (classes from params data.classes), or
+any folder with a labels file (`--labels labels.csv`: columns `file` (path under NEW) and `label`, optionally
+`weighting` (the MRI weighting the source states, one of params validate.weightings) and `group` (the source's id of
+near-identical scans, e.g. adjacent slices of one case)). `--classes` takes only the rows of those labels; any other
+label (e.g. `other_tumor`, a tumor of none of the classes) is refused, never trained on.
+Every appended scan's provenance (source, weighting, `<source>:<group>`, its original file) goes into
+data/raw/provenance.csv, versioned with the data: the manifest reads it, and the split stage keeps each group whole.
 Every file is checked the way the pipeline checks data/raw: it must decode (the manifest's scan, params manifest),
 and pass the validate stage's expectations (a known class, size and colour mode from params validate). A scan that is
 an exact or near duplicate of a test image (the split stage's dhash and split.near_duplicate_distance) is refused
@@ -31,7 +37,15 @@ import pandas as pd
 
 from components.config import ManifestParams, Params
 from components.data_import import ImportFailed, data_hash, dvc_add
-from components.manifest import OFFICIAL_SPLITS, list_files, scan_folder
+from components.manifest import (
+    OFFICIAL_SPLITS,
+    PROVENANCE,
+    PROVENANCE_COLUMNS,
+    list_files,
+    read_provenance,
+    scan_files,
+    scan_folder,
+)
 from components.split import hamming, hash_bits
 from components.validate import manifest_expectations, quarantine_table, run_checkpoint
 
@@ -58,9 +72,58 @@ FIXES = {
                  "(a dhash Hamming distance <= split.near_duplicate_distance = {distance} makes two scans twins)",
     "conflict": "keep each scan under one class only (the class it already has in data/raw, if it is there)",
     "collision": "remove the file already at that name in data/raw (it does not hold the content its name says)",
+    "not_a_class": "take only rows of training classes with --classes (e.g. --classes {class_flag}); a label outside "
+                   "params data.classes (such as other_tumor) is never trained on: score those scans with "
+                   "`braintumor evaluate-external` instead",
+    "missing": "fix the `file` column of the labels file (paths relative to NEW), or add the missing files",
+    "weighting": "state a weighting of validate.weightings ({weightings}), or leave the `weighting` cell empty",
 }
 COLUMN_KINDS = {"label": "label", "readable": "unreadable", "width": "size", "height": "size", "mode": "mode",
                 "link_escapes": "symlink"}
+
+
+@dataclass(frozen=True)
+class Labels:
+    """A labels file and the rows to take from it."""
+    file: Path
+    classes: tuple[str, ...] | None  # None: every row must be of a training class
+    sample: int | None = None  # only the first rows of each label (a smoke run)
+
+
+def read_labels(source: Path, labels: Labels, params: Params) -> tuple[pd.DataFrame, list[Refusal], dict[str, int]]:
+    """(rows to take: file, label, weighting, group; refusals; rows left out per label). A row of a label outside
+    data.classes is refused, unless --classes leaves it out; an unknown --classes label is an error."""
+    if labels.classes is not None and not set(labels.classes) <= set(params.data.classes):
+        outside = sorted(set(labels.classes) - set(params.data.classes))
+        raise ImportFailed(f"--classes {','.join(labels.classes)}: {', '.join(outside)} is not a class of params "
+                           f"data.classes ({', '.join(params.data.classes)}); such scans are never trained on")
+    path = labels.file if labels.file.is_absolute() or labels.file.exists() else source / labels.file
+    if not path.is_file():
+        raise ImportFailed(f"labels file {labels.file} not found (given as a path, or under {source})")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing_columns = {"file", "label"} - set(table.columns)
+    if missing_columns:
+        raise ImportFailed(f"{path} lacks the column(s) {', '.join(sorted(missing_columns))}: a labels file holds "
+                           "`file` and `label`, optionally `weighting` and `group`")
+    table = table.reindex(columns=["file", "label", "weighting", "group"], fill_value="").replace("", None)
+    left_out = {}
+    if labels.classes is not None:
+        taken = table.label.isin(labels.classes)
+        left_out = table[~taken].label.value_counts().sort_index().to_dict()
+        table = table[taken]
+    if labels.sample is not None:
+        table = table.groupby("label", sort=False).head(labels.sample)
+    refusals = [Refusal(str(source / row.file), f"labelled {row.label!r}, not a class of params data.classes",
+                        ("not_a_class",)) for row in table[~table.label.isin(params.data.classes)].itertuples()]
+    table = table[table.label.isin(params.data.classes)]
+    exists = np.array([(source / f).is_file() for f in table.file], dtype=bool)
+    refusals += [Refusal(str(source / f), f"listed in {path.name} but not found", ("missing",))
+                 for f in table.file[~exists]]
+    table = table[exists]
+    bad = table.weighting.notna() & ~table.weighting.isin(params.validate_params.weightings)
+    refusals += [Refusal(str(source / row.file), f"weighting {row.weighting!r} is none of validate.weightings",
+                         ("weighting",)) for row in table[bad].itertuples()]
+    return table[~bad].reset_index(drop=True), refusals, {k: int(v) for k, v in left_out.items()}
 
 
 @dataclass(frozen=True)
@@ -94,6 +157,15 @@ def scan_source(source: Path, params: Params) -> tuple[pd.DataFrame, list[Refusa
     return frame[np.array(keep, dtype=bool)].reset_index(drop=True), refusals
 
 
+def scan_labelled(source: Path, labels: Labels, params: Params) -> tuple[pd.DataFrame, list[Refusal], dict]:
+    """scan_source for a labels file: the manifest's scan of each taken row, with its label, weighting and group."""
+    table, refusals, left_out = read_labels(source, labels, params)
+    frame = scan_files(source, table.file.tolist(), table.label.tolist(), params.manifest, f"reading {source}")
+    frame = frame.assign(file=[str(source / f) for f in table.file], weighting=table.weighting.to_numpy(),
+                         group=table.group.to_numpy())
+    return frame, refusals, left_out
+
+
 def validate_scans(scans: pd.DataFrame, params: Params, docs_dir: Path) -> list[Refusal]:
     """The validate stage's own expectations (known label, no escaping symlink, readable, size, mode) over the new
     scans, run through the same GX checkpoint. Every offending row is refused, whatever the stage's `mostly`
@@ -101,7 +173,8 @@ def validate_scans(scans: pd.DataFrame, params: Params, docs_dir: Path) -> list[
     if scans.empty:
         return []
     hard, row_level = manifest_expectations(params.validate_params, params.data.classes)
-    check = run_checkpoint("append", scans.drop(columns="file"), hard + row_level, "path", docs_dir)
+    check = run_checkpoint("append", scans.drop(columns=["file", "group"], errors="ignore"), hard + row_level, "path",
+                           docs_dir)
     kinds: dict[str, set[str]] = {}
     for expectation, paths in check.unexpected.items():
         column = re.search(r"column='(\w+)'", expectation)
@@ -215,7 +288,9 @@ def plan_copies(scans: pd.DataFrame, raw_dir: Path, classes: list[str]
 
 def refusal_message(source: Path, refusals: list[Refusal], total: int, raw_dir: Path, old_hash: str,
                     params: Params) -> str:
-    values = dict(classes=", ".join(params.data.classes), max_pixels=params.manifest.max_image_pixels,
+    values = dict(classes=", ".join(params.data.classes), class_flag=",".join(params.data.classes),
+                  max_pixels=params.manifest.max_image_pixels,
+                  weightings=", ".join(params.validate_params.weightings),
                   min_side=params.validate_params.min_side, max_side=params.validate_params.max_side,
                   modes=", ".join(params.validate_params.allowed_modes),
                   distance=params.split.near_duplicate_distance)
@@ -227,15 +302,36 @@ def refusal_message(source: Path, refusals: list[Refusal], total: int, raw_dir: 
         *(f"  {r.file}: {r.reason}" for r in refusals),
         "fix:",
         *(f"  - {FIXES[kind].format(**values)}" for kind in kinds),
-        f"then run `braintumor data import --source {source} --append` again",
+        f"then run the same `braintumor data import --source {source} --append ...` again",
     ])
 
 
-def append_dataset(source: str | Path, params: Params) -> dict:
-    """Check every file of `source` (all-or-nothing), copy the accepted ones into params.paths.raw/Training/<class>/
-    and `dvc add` it. Returns counts per class (added, skipped as already present), where the test hashes came from,
-    and the DVC hash before and after. Raises ImportFailed naming each refused file, its reason and the fix."""
+def provenance_rows(plan: list[tuple[Path, Path, str]], scans: pd.DataFrame, source: Path, source_name: str,
+                    raw_dir: Path) -> pd.DataFrame:
+    """One provenance row per scan the plan copies: its path under raw_dir, the source, its stated weighting and
+    `<source>:<group>` (when the labels file gives them), and its original file under `source`."""
+    by_file = scans.set_index("file")
+    rows = []
+    for origin, target, _ in plan:
+        row = by_file.loc[str(origin)]
+        weighting = row.get("weighting")
+        group = row.get("group")
+        rows.append({"path": target.relative_to(raw_dir).as_posix(), "source": source_name,
+                     "weighting": weighting if isinstance(weighting, str) else None,
+                     "source_group": f"{source_name}:{group}" if isinstance(group, str) else None,
+                     "original": Path(origin).relative_to(source).as_posix()})
+    return pd.DataFrame(rows, columns=PROVENANCE_COLUMNS)
+
+
+def append_dataset(source: str | Path, params: Params, labels: Labels | None = None,
+                   source_name: str | None = None) -> dict:
+    """Check every file of `source` (all-or-nothing), copy the accepted ones into params.paths.raw/Training/<class>/,
+    record their provenance and `dvc add` it. With `labels` the scans and their labels come from a labels file.
+    Returns counts per class (added, skipped as already present, left out by --classes), where the test hashes
+    came from, and the DVC hash before and after. Raises ImportFailed naming each refused file, its reason and the
+    fix."""
     source, raw_dir = Path(source), Path(params.paths.raw)
+    source_name = source_name or source.resolve().name
     dvc_file = raw_dir.with_name(raw_dir.name + ".dvc")
     if not source.is_dir():
         raise ImportFailed(f"{source} is not a folder: --append takes a folder of labelled scans, NEW/<class>/ or "
@@ -247,7 +343,11 @@ def append_dataset(source: str | Path, params: Params) -> dict:
         raise ImportFailed(f"{source} overlaps {raw_dir}: append from a folder outside the data set")
     old_hash = data_hash(dvc_file)
 
-    scans, refusals = scan_source(source, params)
+    left_out: dict[str, int] = {}
+    if labels is not None:
+        scans, refusals, left_out = scan_labelled(source, labels, params)
+    else:
+        scans, refusals = scan_source(source, params)
     total = len(scans) + len(refusals)
     if not total:
         raise ImportFailed(f"{source} holds no files (hidden files and folders are skipped)")
@@ -265,23 +365,36 @@ def append_dataset(source: str | Path, params: Params) -> dict:
             raise ImportFailed(refusal_message(source, refusals, total, raw_dir, old_hash, params))
 
         # Copy into the scratch folder first (a full disk fails here, before data/raw is touched), then rename:
-        # same file system, so each move is atomic, and a failure rolls back the moves done.
+        # same file system, so each move is atomic, and a failure rolls back the moves done (and the provenance).
         staged = []
         for origin, target, _ in plan:
             copy = scratch / "staged" / target.parent.name / target.name
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(origin, copy)
             staged.append((copy, target))
+        provenance_file, kept_provenance = raw_dir / PROVENANCE, scratch / "provenance.before"
+        if plan:
+            new_rows = provenance_rows(plan, scans, source, source_name, raw_dir)
+            pd.concat([read_provenance(raw_dir), new_rows]).to_csv(scratch / PROVENANCE, index=False)
+            if provenance_file.exists():
+                shutil.copyfile(provenance_file, kept_provenance)
         moved: list[Path] = []
         try:
             for copy, target in staged:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(copy, target)
                 moved.append(target)
+            if plan:
+                os.replace(scratch / PROVENANCE, provenance_file)
             new_hash = dvc_add(raw_dir) if plan else old_hash
         except BaseException:
             for target in moved:
                 target.unlink(missing_ok=True)
+            if plan:
+                if kept_provenance.exists():
+                    os.replace(kept_provenance, provenance_file)
+                else:
+                    provenance_file.unlink(missing_ok=True)
             raise
 
     added = dict.fromkeys(params.data.classes, 0)
@@ -293,6 +406,7 @@ def append_dataset(source: str | Path, params: Params) -> dict:
                if plan else f"nothing appended: all {present} scan(s) are already in {raw_dir}; the data version is "
                "unchanged")
     log.info(message)
-    return {"source": str(source), "raw_dir": str(raw_dir), "appended": len(plan), "added": added,
-            "skipped_already_present": skipped, "test_hashes_from": test_from, "old_dvc_hash": old_hash,
+    return {"source": str(source), "source_name": source_name, "raw_dir": str(raw_dir), "appended": len(plan),
+            "added": added, "skipped_already_present": skipped, "left_out_by_classes": left_out,
+            "test_hashes_from": test_from, "old_dvc_hash": old_hash,
             "dvc_hash": new_hash, "new_version": new_hash != old_hash, "message": message}

@@ -55,8 +55,17 @@ def _hidden(folder: str, names: list[str]) -> set[str]:
     return {name for name in names if name.startswith(".")}
 
 
-def import_dataset(source: str, raw_dir: Path, run_dvc_add: bool = True) -> dict:
-    """Replace raw_dir with the source's Training/ and Testing/ folders, then `dvc add` it.
+def keep_first(folder: Path, count: int) -> None:
+    """Delete all but the first `count` files (by name) of every class folder under `folder`."""
+    for class_folder in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for extra in sorted(p for p in class_folder.rglob("*") if p.is_file())[count:]:
+            extra.unlink()
+
+
+def import_dataset(source: str, raw_dir: Path, run_dvc_add: bool = True, sample: int | None = None) -> dict:
+    """Replace raw_dir with the source's Training/ and Testing/ folders, then `dvc add` it. With `sample`, only the
+    first `sample` files of each Training class folder and a quarter as many of each Testing one (by name, at least
+    one): a small, fixed data set for a smoke run.
 
     The copy lands in a sibling temp folder first, so a failed import leaves the previous data/raw intact.
     """
@@ -79,11 +88,13 @@ def import_dataset(source: str, raw_dir: Path, run_dvc_add: bool = True) -> dict
         staged = scratch / "raw"
         for part in LAYOUT:
             shutil.copytree(origin / part, staged / part, ignore=_hidden, symlinks=True)
+            if sample is not None:
+                keep_first(staged / part, sample if part == "Training" else max(1, sample // 4))
         files = sum(1 for part in LAYOUT for path in (staged / part).rglob("*") if not path.is_dir())
         if raw_dir.exists():
             shutil.rmtree(raw_dir)
         staged.rename(raw_dir)
-    result = {"source": source, "files": files, "raw_dir": str(raw_dir)}
+    result = {"source": source, "files": files, "raw_dir": str(raw_dir), **({"sample": sample} if sample else {})}
     if run_dvc_add:
         result["dvc_hash"] = dvc_add(raw_dir)
     return result

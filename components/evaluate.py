@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import RocCurveDisplay  # noqa: E402
 
-from components.config import Params  # noqa: E402
+from components.config import EvaluateParams, Params  # noqa: E402
 from components.metrics import full_metrics, plot_confusion, reliability, save_figure, scores  # noqa: E402
 from components.stack import SOFT_VOTE, STACK, load_predictions  # noqa: E402
 
@@ -25,13 +25,15 @@ TEST_SETS = {"test": "official test", "test_clean": "clean test"}
 TABLE_COLUMNS = ["accuracy", "macro_f1", "tumor_sensitivity", "tumor_specificity", "ece", "brier"]
 
 
-def evaluate_frames(frames: dict[str, pd.DataFrame], classes: list[str], bins: int
+def evaluate_frames(frames: dict[str, pd.DataFrame], classes: list[str], settings: EvaluateParams
                     ) -> dict[str, dict[str, dict]]:
-    """{model: {test set: metrics}} for every prediction frame; `bins` is params evaluate.calibration_bins."""
+    """{model: {test set: metrics}} for every prediction frame (ECE bins and the tumor call from params
+    evaluate)."""
     out = {}
     for name, frame in frames.items():
-        out[name] = {"test": full_metrics(*scores(frame, classes), classes, bins=bins),
-                     "test_clean": full_metrics(*scores(frame[frame.clean], classes), classes, bins=bins)}
+        out[name] = {test_set: full_metrics(*scores(rows, classes), classes, bins=settings.calibration_bins,
+                                            tumor_threshold=settings.tumor_threshold)
+                     for test_set, rows in (("test", frame), ("test_clean", frame[frame.clean]))}
     return out
 
 
@@ -110,7 +112,7 @@ def run_evaluate(params: Params) -> dict:
     reports.mkdir(parents=True, exist_ok=True)
     frames = load_predictions(params, "test", [*params.stack.models, SOFT_VOTE, STACK])
     bins = params.evaluate.calibration_bins
-    results = evaluate_frames(frames, classes, bins)
+    results = evaluate_frames(frames, classes, params.evaluate)
     out_md = params.paths.evaluation_report
 
     def link(path: Path) -> str:  # images are linked relative to the report, wherever paths put it

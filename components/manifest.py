@@ -1,8 +1,13 @@
-"""Scan data/raw into a table: one row per file, readable or not. Nothing under raw is modified."""
+"""Scan data/raw into a table: one row per file, readable or not. Nothing under raw is modified.
+
+Provenance: data/raw/provenance.csv (written by `data import --append`, versioned with the data) names the source of
+each appended scan, the MRI weighting its source states, and its source's group (adjacent slices of one case); every
+file it does not list comes from the imported data set, params manifest.base_source, with no stated weighting."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -10,12 +15,16 @@ from pathlib import Path
 
 import imagehash
 import pandas as pd
-from tqdm import tqdm
 
 from components.config import ManifestParams
 from components.images import ImageError, open_image
+from components.progress import track
+
+log = logging.getLogger(__name__)
 
 OFFICIAL_SPLITS = {"Training": "train", "Testing": "test"}
+PROVENANCE = "provenance.csv"  # inside the raw folder, so DVC versions it with the scans it describes
+PROVENANCE_COLUMNS = ["path", "source", "weighting", "source_group", "original"]
 
 
 @dataclass
@@ -32,6 +41,9 @@ class ManifestRow:
     readable: bool
     error: str | None
     link_escapes: bool  # a symlink pointing outside the raw tree
+    source: str | None = None  # the collection the scan came from (provenance.csv, else manifest.base_source)
+    weighting: str | None = None  # MRI weighting as the source states it (T1, T1C+, T2), None when it states none
+    source_group: str | None = None  # `<source>:<group>`: the source's group of near-identical scans, kept whole
 
 
 def list_files(raw_dir: Path) -> list[Path]:
@@ -82,14 +94,40 @@ def scan_folder(folder: Path, params: ManifestParams) -> pd.DataFrame:
     return pd.DataFrame([asdict(r) for r in rows], columns=list(ManifestRow.__dataclass_fields__))
 
 
+def _scan_labelled(args: tuple[Path, Path, str, ManifestParams]) -> ManifestRow:
+    path, root, label, params = args
+    return _scan_one(path, root, label, "external", params)
+
+
+def scan_files(root: Path, files: list[str], labels: list[str], params: ManifestParams, what: str) -> pd.DataFrame:
+    """Manifest rows of the given files (paths relative to `root`, with their labels), read in params.workers
+    processes, with a progress line."""
+    jobs = [(Path(root) / f, Path(root), label, params) for f, label in zip(files, labels)]
+    with ProcessPoolExecutor(params.workers) as pool:
+        rows = list(track(pool.map(_scan_labelled, jobs, chunksize=32), len(jobs), what, log))
+    return pd.DataFrame([asdict(r) for r in rows], columns=list(ManifestRow.__dataclass_fields__))
+
+
+def read_provenance(raw_dir: Path) -> pd.DataFrame:
+    """raw_dir/provenance.csv (empty when there is none): one row per appended scan."""
+    path = Path(raw_dir) / PROVENANCE
+    if not path.exists():
+        return pd.DataFrame(columns=PROVENANCE_COLUMNS)
+    return pd.read_csv(path, dtype=str, keep_default_na=False).replace("", None)
+
+
 def build_manifest(raw_dir: Path, params: ManifestParams) -> pd.DataFrame:
     raw_dir = Path(raw_dir)
     files = list_files(raw_dir)
     jobs = [(f, raw_dir, params) for f in files]
     with ProcessPoolExecutor(params.workers) as pool:
-        rows = list(tqdm(pool.map(_scan, jobs, chunksize=64), total=len(jobs), desc="manifest", unit="img",
-                         disable=None))
-    return pd.DataFrame([asdict(r) for r in rows], columns=list(ManifestRow.__dataclass_fields__))
+        rows = list(track(pool.map(_scan, jobs, chunksize=64), len(jobs), f"reading {raw_dir}", log))
+    frame = pd.DataFrame([asdict(r) for r in rows], columns=list(ManifestRow.__dataclass_fields__))
+    provenance = read_provenance(raw_dir).set_index("path")
+    for column in ("source", "weighting", "source_group"):
+        frame[column] = frame.path.map(provenance[column]) if len(provenance) else None
+    frame["source"] = frame.source.fillna(params.base_source)
+    return frame
 
 
 def write_manifest(raw_dir: Path, out: Path, params: ManifestParams) -> pd.DataFrame:

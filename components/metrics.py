@@ -25,6 +25,44 @@ from sklearn.metrics import (  # noqa: E402
 )
 
 NO_TUMOR = "notumor"
+OTHER_TUMOR = "other_tumor"  # a tumor of none of the classes (external labels): a tumor, but in no class's accuracy
+
+
+def tumor_score(probabilities: np.ndarray, classes: list[str]) -> np.ndarray:
+    """1 - P(notumor): the model's belief that a scan shows a tumor, of any class."""
+    return 1.0 - np.asarray(probabilities, dtype=float)[:, classes.index(NO_TUMOR)]
+
+
+def tumor_call(probabilities: np.ndarray, classes: list[str], threshold: float) -> np.ndarray:
+    """The one definition of a tumor call, used by every report: tumor_score >= threshold (params
+    evaluate.tumor_threshold)."""
+    return tumor_score(probabilities, classes) >= threshold
+
+
+def labelled_figures(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], threshold: float,
+                     interval_below: int, confidence: float) -> dict[str, dict]:
+    """The figures of one group of scans, each a proportion() with its count: `accuracy` (argmax, over the scans
+    whose label is one of `classes`), `tumor_sensitivity` (share of scans not labelled notumor, other_tumor
+    included, that are called tumor) and `tumor_specificity` (share of notumor scans not called tumor). A figure
+    with no scan to rest on is left out. `labels` are class names."""
+    labels = np.asarray(labels, dtype=object)
+    probabilities = np.asarray(probabilities, dtype=float)
+    called = tumor_call(probabilities, classes, threshold) if len(labels) else np.zeros(0, dtype=bool)
+    out = {}
+    in_classes = np.isin(labels, classes)
+    if in_classes.any():
+        right = np.asarray(classes, dtype=object)[probabilities[in_classes].argmax(axis=1)] == labels[in_classes]
+        out["accuracy"] = proportion(right.mean(), int(right.sum()), int(in_classes.sum()), interval_below,
+                                     confidence)
+    tumor, healthy = labels != NO_TUMOR, labels == NO_TUMOR
+    if tumor.any():
+        hits = int(called[tumor].sum())
+        out["tumor_sensitivity"] = proportion(hits / tumor.sum(), hits, int(tumor.sum()), interval_below, confidence)
+    if healthy.any():
+        passes = int((~called[healthy]).sum())
+        out["tumor_specificity"] = proportion(passes / healthy.sum(), passes, int(healthy.sum()), interval_below,
+                                              confidence)
+    return out
 
 
 def proportion(value: float, k: int, n: int, interval_below: int, confidence: float) -> dict:
@@ -142,10 +180,10 @@ def per_class_roc_auc(labels: np.ndarray, probabilities: np.ndarray, num_classes
                                         average=None, labels=range(num_classes)), dtype=float)
 
 
-def full_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], *, bins: int
-                 ) -> dict[str, float]:
+def full_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], *, bins: int,
+                 tumor_threshold: float) -> dict[str, float]:
     """Everything the evaluation report shows for one model on one test set. `bins`: ECE bins, pass params
-    evaluate.calibration_bins."""
+    evaluate.calibration_bins; `tumor_threshold`: evaluate.tumor_threshold (tumor_call)."""
     labels = np.asarray(labels)
     probabilities = np.asarray(probabilities, dtype=float)
     predicted = probabilities.argmax(axis=1)
@@ -163,9 +201,9 @@ def full_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[st
         out[f"specificity_{c}"] = float(tn / (tn + fp)) if tn + fp else 0.0
         out[f"roc_auc_{c}"] = float(roc_auc[i])
     if NO_TUMOR in classes:
-        # Tumor vs no tumor: every class but notumor pooled as the positive class.
-        healthy = classes.index(NO_TUMOR)
-        tumor_true, tumor_pred = labels != healthy, predicted != healthy
+        # Tumor vs no tumor: every class but notumor pooled as the positive class, called by tumor_call.
+        tumor_true = labels != classes.index(NO_TUMOR)
+        tumor_pred = tumor_call(probabilities, classes, tumor_threshold)
         out["tumor_sensitivity"] = float(recall_score(tumor_true, tumor_pred, labels=[False, True], pos_label=True,
                                                       zero_division=0))
         out["tumor_specificity"] = float(recall_score(tumor_true, tumor_pred, labels=[False, True],

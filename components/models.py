@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from components.config import ModelParams, ParamsError, ProjectError, TrainParams
+from components.config import ModelParams, ParamsError, ProjectError, TrainParams, is_pretrained
 
 KERAS_CACHE = Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "models"
 
@@ -100,7 +100,7 @@ def build_model(name: str, params: ModelParams, train: TrainParams, num_classes:
     else:
         backbone = _backbone(name, params, inputs)
         # Pretrained BatchNorm stays in inference mode while fine-tuning (Keras transfer-learning guide).
-        x = backbone(x, training=False) if params.pretrained else backbone(x)
+        x = backbone(x, training=False) if is_pretrained(name, params.weights) else backbone(x)
         # Pooling outside the backbone keeps its feature map reachable for Grad-CAM.
         x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(train.head_dropout)(x)

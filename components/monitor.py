@@ -1,7 +1,7 @@
 """Drift monitoring of a batch of incoming scans against the reference profile of the training data
 (components.reference): `braintumor flow monitor DIR`, and the end of every `batch_predict`.
 
-The batch (the scans that passed the GX checks of flows.inference.screen) is scored by the ensemble and embedded by
+The batch (the scans that passed the GX checks of components.validate.screen_folder) is scored by the ensemble and embedded by
 the profile's embedding model, decoded as training decodes (the profile records how). Then four checks, each against
 a threshold of params monitor:
 
@@ -42,6 +42,14 @@ from components.reference import (
     embedding_extractor,
     load_reference,
     neighbour_distance,
+)
+from components.drift import (
+    CHECKS,
+    class_mix_distance,
+    embedding_score,
+    statistics,
+    style_distances,
+    thresholds_at,
 )
 from components.stack import STACK
 from components.style import STYLE_FEATURES, style_frame
@@ -102,7 +110,7 @@ def registry_tags(params: Params, model_uri: str | None) -> dict[str, str]:
 def load_model(params: Params, model_uri: str | None):
     """(scorer, what it is, reference profile): the workspace's ensemble and paths.reference, or the registered
     ensemble `model_uri` and its `reference` artifact."""
-    from components.external import load_scorer
+    from components.predict import load_scorer
 
     scorer, what = load_scorer(params, model_uri)
     reference = load_reference(params.paths.reference if model_uri is None else registry_reference(model_uri))
@@ -127,22 +135,22 @@ def class_mix_shift(reference_counts: dict[str, int], batch_counts: dict[str, in
     share = got / got.sum() if got.sum() else np.zeros_like(got)
     table = np.stack([ref, got])[:, (ref + got) > 0]  # a class neither side predicted says nothing
     p_value = float(chi2_contingency(table).pvalue) if got.sum() and ref.sum() and table.shape[1] > 1 else 1.0
-    return {"distance": float(0.5 * np.abs(share - ref_share).sum()), "p_value": p_value,
+    predicted = np.repeat(classes, got.astype(int))
+    return {"distance": class_mix_distance(dict(zip(classes, ref_share)), predicted), "p_value": p_value,
             "reference_share": dict(zip(classes, ref_share.round(4).tolist())),
             "batch_share": dict(zip(classes, share.round(4).tolist()))}
 
 
-def drift_report(reference: Reference, embeddings: np.ndarray, style: pd.DataFrame, params: Params):
-    """Evidently's report of the batch against the training images: (snapshot, embedding drift score, drifted style
-    columns, their count and share, style columns left out because one side has no value)."""
+def drift_report(reference: Reference, embeddings: np.ndarray, style: pd.DataFrame, limits: dict[str, float]):
+    """Evidently's report of the batch against the training images, its tests set to the batch's calibrated
+    thresholds: (snapshot, style columns left out because one side has no value)."""
     from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import DriftedColumnsCount, EmbeddingsDrift, ValueDrift
+    from evidently.metrics import EmbeddingsDrift, ValueDrift
     from evidently.metrics.embeddings import ModelDriftMethod
 
     columns = embedding_columns(embeddings.shape[1])
     reference_rows = pd.read_parquet(reference.folder / EMBEDDINGS).merge(reference.style, on="path")
-    # Standardised by the training embeddings' mean and spread: pooled features are small and unevenly scaled, and
-    # the drift method's classifier (SGD, L2-regularised) only separates what is on a common scale.
+    # Standardised by the training embeddings' mean and spread, as components.drift scores them.
     mean, spread = reference.embeddings.mean(axis=0), reference.embeddings.std(axis=0) + 1e-8
     reference_rows[columns] = (reference_rows[columns].to_numpy() - mean) / spread
     current_rows = pd.concat([pd.DataFrame((embeddings - mean) / spread, columns=columns),
@@ -151,43 +159,21 @@ def drift_report(reference: Reference, embeddings: np.ndarray, style: pd.DataFra
     left_out = [c for c in STYLE_FEATURES if c not in compared]
     definition = DataDefinition(numerical_columns=compared, embeddings={EMBEDDING_NAME: columns})
     report = Report([EmbeddingsDrift(embeddings_name=EMBEDDING_NAME,
-                                     drift_method=ModelDriftMethod(threshold=params.monitor.embedding_drift_threshold)),
-                     DriftedColumnsCount(columns=compared, drift_share=params.monitor.style_drift_share),
-                     *[ValueDrift(column=c) for c in compared]], include_tests=True)
+                                     drift_method=ModelDriftMethod(threshold=limits["embedding drift"])),
+                     *[ValueDrift(column=c, method="wasserstein", threshold=limits["style drift"]) for c in compared]],
+                    include_tests=True)
     with warnings.catch_warnings():  # Evidently's statistics warn on constant columns (image sizes)
         warnings.simplefilter("ignore")
         snapshot = report.run(Dataset.from_pandas(current_rows[columns + compared], data_definition=definition),
                               Dataset.from_pandas(reference_rows[columns + compared], data_definition=definition))
-    results = snapshot.dict()
-    by_type = {}
-    for metric in results["metrics"]:
-        by_type.setdefault(metric["config"]["type"].rsplit(":", 1)[-1], []).append(metric)
-    score = float(by_type["EmbeddingsDrift"][0]["value"])
-    counted = by_type["DriftedColumnsCount"][0]["value"]
-    drifted = sorted(test["metric_config"]["params"]["column"] for test in results["tests"]
-                     if test["metric_config"]["params"].get("type", "").endswith(":ValueDrift")
-                     and test["status"] == "FAIL")
-    return snapshot, score, drifted, int(counted["count"]), float(counted["share"]), left_out
+    return snapshot, left_out
 
 
-def _checks(params: Params, metrics: dict) -> list[dict]:
-    monitor = params.monitor
-    mix = metrics["class_mix_distance"], metrics["class_mix_p_value"]
-    return [
-        {"check": "embedding drift", "value": metrics["embedding_drift_score"],
-         "rule": f"> {monitor.embedding_drift_threshold} (monitor.embedding_drift_threshold)",
-         "drift": metrics["embedding_drift_score"] > monitor.embedding_drift_threshold},
-        {"check": "style drift", "value": metrics["style_drifted_share"],
-         "rule": f">= {monitor.style_drift_share} of the style features (monitor.style_drift_share)",
-         "drift": metrics["style_drifted_share"] >= monitor.style_drift_share},
-        {"check": "class-mix shift", "value": mix[0],
-         "rule": f"> {monitor.class_mix_max_distance} (monitor.class_mix_max_distance) with chi-square p "
-                 f"{mix[1]:.3g} < {monitor.class_mix_alpha} (monitor.class_mix_alpha)",
-         "drift": mix[0] > monitor.class_mix_max_distance and mix[1] < monitor.class_mix_alpha},
-        {"check": "OOD share", "value": metrics["ood_share"],
-         "rule": f"> {monitor.max_ood_share} (monitor.max_ood_share)",
-         "drift": metrics["ood_share"] > monitor.max_ood_share},
-    ]
+def _checks(values: dict[str, float], limits: dict[str, float], size: int) -> list[dict]:
+    """Each check's statistic against its threshold calibrated for a batch of `size` scans (components.drift)."""
+    return [{"check": check, "value": values[check], "threshold": limits[check],
+             "rule": f"> {limits[check]:.3f} (calibrated for {size} scans)", "drift": values[check] > limits[check]}
+            for check in CHECKS]
 
 
 def monitor_paths(params: Params, source: Path, paths: list[str], quarantine: pd.DataFrame, out_dir: Path,
@@ -198,7 +184,7 @@ def monitor_paths(params: Params, source: Path, paths: list[str], quarantine: pd
     import mlflow
 
     from components import tracking
-    from components.external import score_files
+    from components.predict import score_files
 
     source, out_dir = Path(source), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -242,15 +228,27 @@ def monitor_paths(params: Params, source: Path, paths: list[str], quarantine: pd
         "quarantine": quarantine.to_dict(orient="records"),
     }
     if summary["verdict"]:
+        if "calibration" not in reference.meta:
+            raise NoReference(f"the reference profile {reference.folder} has no calibrated drift thresholds (made "
+                              "before calibration existed): rebuild it (`dvc repro reference`), then register again")
         style = style_frame(scored_paths, params.manifest.workers)
-        snapshot, score, drifted, count, share, left_out = drift_report(reference, embeddings, style, params)
+        limits = thresholds_at(reference.meta["calibration"], n)
+        mean, spread = reference.embeddings.mean(axis=0), reference.embeddings.std(axis=0) + 1e-8
+        distances_by_column = style_distances(reference.style, style, STYLE_FEATURES)
+        values = statistics(embedding_score((reference.embeddings - mean) / spread, (embeddings - mean) / spread),
+                            distances_by_column, class_mix_distance(reference.meta["class_mix"], predicted),
+                            metrics["ood_share"])
+        snapshot, left_out = drift_report(reference, embeddings, style, limits)
         snapshot.save_html(str(out_dir / "drift.html"))
         mix = class_mix_shift(reference.meta["class_counts"], {c: int((predicted == c).sum()) for c in classes})
-        metrics |= {"embedding_drift_score": score, "style_drifted_columns": count, "style_drifted_share": share,
-                    "class_mix_distance": mix["distance"], "class_mix_p_value": mix["p_value"]}
-        checks = _checks(params, metrics)
-        summary |= {"checks": checks, "style_drifted": drifted, "style_left_out": left_out, "class_mix": mix,
-                    "drift_report": str(out_dir / "drift.html")}
+        drifted = sorted(c for c, d in distances_by_column.items() if d > limits["style drift"])
+        metrics |= {"embedding_drift_score": values["embedding drift"], "style_max_distance": values["style drift"],
+                    "style_drifted_columns": len(drifted), "class_mix_distance": values["class-mix shift"],
+                    "class_mix_p_value": mix["p_value"]}
+        checks = _checks(values, limits, n)
+        summary |= {"checks": checks, "style_drifted": drifted, "style_distances": distances_by_column,
+                    "style_left_out": left_out, "class_mix": mix, "drift_report": str(out_dir / "drift.html"),
+                    "thresholds": limits}
     else:
         checks = []
         summary["checks"] = []

@@ -1,5 +1,7 @@
-"""The served ensemble: one MLflow pyfunc that takes image bytes and returns the stacked prediction, and
-`braintumor predict` on top of it.
+"""The served ensemble: one MLflow pyfunc that takes image bytes and returns the stacked prediction, and the one
+client-side scoring path on top of it: `load_scorer` (the workspace's trained ensemble, or a registered version) and
+`score_files` (files sent as base64 rows in requests of at most `max_rows`, refused rows listed), which
+`braintumor predict`, `braintumor evaluate-external` and the drift monitor all use.
 
 The pyfunc's `predict` is the HTTP boundary of `mlflow models serve`. It takes base64 image bytes; it reads a file
 by path only under the folder the operator names in BRAINTUMOR_SERVE_IMAGE_ROOT (unset: never). Its limits (rows per
@@ -15,8 +17,10 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow.pyfunc
 import numpy as np
@@ -25,8 +29,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from PIL import Image
 
-from components.config import Preprocess, ProjectError
+from components.config import Params, Preprocess, ProjectError
 from components.images import ImageError, fit_to, normalise, open_image, to_rgb
+from components.progress import track
 
 IMAGE_COLUMN = "image"
 DEFAULT_MODEL_URI = "models:/brain-tumor-ensemble@champion"
@@ -195,6 +200,89 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
                 STACK: self.stacker.predict_proba(probabilities)}
 
 
+def ensemble_artifacts(params: Params, meta_dir: Path | None = None) -> dict[str, str]:
+    """The EnsembleModel's artifacts from the workspace's trained models: one `<name>` per base model
+    (models/<name>/model.keras), `stacker` (models/stacker/stacker.pkl), `reference` (the folder paths.reference)
+    and `meta` (classes, models, serve limits), which is written to `meta_dir` (default: a new temporary folder).
+    What `register` logs, and what `evaluate-external` loads without a registry."""
+    folder = params.paths.models / "stacker"
+    # Written outside models/stacker/, which is the stack stage's DVC output; MLflow copies it into the model.
+    meta_path = Path(meta_dir or tempfile.mkdtemp(prefix="ensemble-")) / "ensemble_meta.json"
+    # The serve limits (rows per request, bytes and pixels per image) travel with the version (EnsembleModel).
+    # So does the decode path the models were trained on (data.preprocess).
+    meta_path.write_text(json.dumps({"classes": params.data.classes, "models": params.stack.models,
+                                     "preprocess": params.data.preprocess.model_dump(mode="json"),
+                                     **params.serve.model_dump()}) + "\n")
+    artifacts = {name: str(params.paths.models / name / "model.keras") for name in params.stack.models}
+    # The reference profile of the training data (components.reference) travels with the version too: monitoring
+    # a registered version compares incoming scans with the data it was trained on.
+    return artifacts | {"stacker": str(folder / "stacker.pkl"), "meta": str(meta_path),
+                        "reference": str(params.paths.reference)}
+
+
+def load_scorer(params: Params, model_uri: str | None):
+    """(scorer, what it is): the EnsembleModel of the workspace's trained models (models/<name>/model.keras and
+    models/stacker/stacker.pkl, as `dvc repro` left them; no registry needed), or any pyfunc URI's python model."""
+    if model_uri is None:
+        with tempfile.TemporaryDirectory(prefix="ensemble-") as meta_dir:
+            artifacts = ensemble_artifacts(params, Path(meta_dir))
+            missing = [path for name, path in artifacts.items() if name != "meta" and not Path(path).exists()]
+            if missing:
+                raise ProjectError(f"{', '.join(missing)} not found: the workspace has no trained ensemble; run "
+                                   "`dvc repro` (or `dvc pull`), or pass --model-uri")
+            model = EnsembleModel()
+            model.load_context(SimpleNamespace(artifacts=artifacts))
+        folders = ",".join(params.stack.models)
+        return model, f"workspace models ({params.paths.models}/{{{folders}}}/model.keras + " \
+                      f"{params.paths.models}/stacker/stacker.pkl)"
+    from components import tracking
+
+    tracking.configure(params.tracking)  # models:/ URIs resolve in the project's registry
+    model = load_pyfunc(model_uri).unwrap_python_model()
+    if not callable(getattr(model, "component_probabilities", None)):
+        raise ProjectError(f"{model_uri} is not the ensemble pyfunc ({type(model).__name__} has no "
+                           "component_probabilities); pass an ensemble version, e.g. "
+                           "models:/brain-tumor-ensemble@champion")
+    return model, model_uri
+
+
+def score_files(scorer, paths: list[str]) -> tuple[dict[str, np.ndarray], list[int], dict[int, str]]:
+    """({model: probabilities of the scored files}, indices of the scored files, {index: why refused}).
+
+    Bytes are sent base64-encoded, at most the scorer's `max_rows` per call, as to the served model; a file the
+    model refuses is listed, and the rest of its chunk is scored."""
+    limits = getattr(scorer, "limits", None)
+    step = max(1, min(limits.max_rows, len(paths))) if limits else max(1, len(paths))
+    parts: dict[str, list[np.ndarray]] = {}
+    scored: list[int] = []
+    refused: dict[int, str] = {}
+    for start in track(range(0, len(paths), step), -(-len(paths) // step), f"scoring {len(paths)} files", logger,
+                       unit=f"requests of {step}"):
+        indices, values = [], []
+        for index in range(start, min(start + step, len(paths))):
+            try:
+                values.append(base64.b64encode(Path(paths[index]).read_bytes()).decode())
+                indices.append(index)
+            except OSError as exc:
+                refused[index] = f"cannot be read ({exc.strerror})"
+        while indices:
+            try:
+                out = scorer.component_probabilities(pd.DataFrame({IMAGE_COLUMN: values}))
+                break
+            except BadInput as exc:
+                if not exc.rows:
+                    raise
+                refused |= {indices[row]: why for row, why in exc.rows.items()}
+                indices = [i for row, i in enumerate(indices) if row not in exc.rows]
+                values = [v for row, v in enumerate(values) if row not in exc.rows]
+        if not indices:
+            continue
+        scored += indices
+        for name, probabilities in out.items():
+            parts.setdefault(name, []).append(np.asarray(probabilities, dtype=float))
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}, scored, refused
+
+
 def load_pyfunc(model_uri: str = DEFAULT_MODEL_URI):
     """mlflow.pyfunc.load_model, with an unset alias (e.g. @champion before any promotion) reworded as a user error
     that says what to run."""
@@ -211,25 +299,21 @@ def load_pyfunc(model_uri: str = DEFAULT_MODEL_URI):
 
 
 def predict_paths(paths: list[str], model_uri: str = DEFAULT_MODEL_URI) -> pd.DataFrame:
-    """Score local image files: this process reads them and sends their bytes, base64-encoded, as a client of the
-    served model would (the model never reads a path), at most the model's `max_rows` per call."""
+    """Score local image files as a client of the served model would (score_files: this process reads them and sends
+    their bytes, base64-encoded, at most the model's `max_rows` per call; the model never reads a path): the stack's
+    predicted class and probabilities per file. A file the model refuses is named, with why, in BadInput."""
+    from components.stack import STACK
+
     if not paths:
         raise ProjectError("no image files to score")
-    model = load_pyfunc(model_uri)
+    model = load_pyfunc(model_uri).unwrap_python_model()
     paths = [str(p) for p in paths]
-    limits = getattr(model.unwrap_python_model(), "limits", None)
-    step = limits.max_rows if limits else len(paths)
-    parts = []
-    for start in range(0, len(paths), step):
-        chunk = paths[start:start + step]
-        frame = pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(Path(p).read_bytes()).decode() for p in chunk]})
-        try:
-            parts.append(model.predict(frame))
-        except BadInput as exc:  # name the files, not the rows of one chunk
-            if not exc.rows:
-                raise
-            raise BadInput(f"{len(exc.rows)} of {len(chunk)} files cannot be scored: "
-                           + "; ".join(f"{chunk[row]}: {why}" for row, why in exc.rows.items())) from None
-    out = pd.concat(parts, ignore_index=True)
-    out.insert(0, "path", paths)
+    probabilities, scored, refused = score_files(model, paths)
+    if refused:
+        raise BadInput(f"{len(refused)} of {len(paths)} files cannot be scored: "
+                       + "; ".join(f"{paths[row]}: {why}" for row, why in sorted(refused.items())))
+    stacked = probabilities[STACK]
+    out = pd.DataFrame(stacked, columns=[f"prob_{c}" for c in model.classes])
+    out.insert(0, "predicted_class", np.array(model.classes)[stacked.argmax(axis=1)])
+    out.insert(0, "path", [paths[i] for i in scored])
     return out

@@ -23,9 +23,10 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from components.config import DataParams, Params, ProjectError, PromoteParams
+from components.config import DataParams, EvaluateParams, Params, ProjectError, PromoteParams
 from components.metrics import full_metrics
 from components.register import ENSEMBLE, registered_name
+from components.tracking import SMOKE_TAG
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 GATE_SPLIT = "gate"
@@ -108,7 +109,7 @@ def gate(challenger: dict[str, float], classes: list[str], rules: PromoteParams,
     return Decision(promote=not failed, reasons=failed or passed, test=test)
 
 
-def score_version(model_uri: str, ensemble: bool, frame: pd.DataFrame, data: DataParams, bins: int
+def score_version(model_uri: str, ensemble: bool, frame: pd.DataFrame, data: DataParams, settings: EvaluateParams
                   ) -> tuple[dict[str, float], np.ndarray]:
     """Metrics of one registered version on `frame` (the gate split), and whether each image was right. A base
     model is fed images prepared by today's data.preprocess; the ensemble carries its own in its version."""
@@ -125,7 +126,9 @@ def score_version(model_uri: str, ensemble: bool, frame: pd.DataFrame, data: Dat
         model = mlflow.keras.load_model(model_uri)
         probabilities = model.predict(load_images(frame, model.input_shape[1], data.preprocess), verbose=0)
     labels = frame.label.map({c: i for i, c in enumerate(classes)}).to_numpy()
-    return full_metrics(labels, probabilities, classes, bins=bins), np.asarray(probabilities).argmax(axis=1) == labels
+    return (full_metrics(labels, probabilities, classes, bins=settings.calibration_bins,
+                         tumor_threshold=settings.tumor_threshold),
+            np.asarray(probabilities).argmax(axis=1) == labels)
 
 
 def comparison_table(rows: dict[str, dict[str, float]], classes: list[str], test: McNemar | None = None) -> str:
@@ -181,6 +184,11 @@ def promote(params: Params, dry_run: bool = False, model: str | None = None) -> 
     if champion is not None and champion.version == challenger.version:
         return {"model": name, "decision": "nothing to do", "table": "", "reasons": [
             f"version {challenger.version} is already @{CHAMPION}"]}
+    if challenger.tags.get(SMOKE_TAG) == "true":
+        raise PromotionError(
+            f"{name} v{challenger.version} (@{CHALLENGER}) comes from a smoke run (the quick profile, tag "
+            f"{SMOKE_TAG}=true) and can never become @{CHAMPION}: run the main job (`dvc repro` with "
+            "tracking.smoke: false), which registers a new challenger, then `braintumor promote`")
     if challenger.tags.get(ROLLED_BACK_TAG):
         raise PromotionError(
             f"{name} v{challenger.version} (@{CHALLENGER}) was rolled back from @{CHAMPION} "
@@ -192,14 +200,13 @@ def promote(params: Params, dry_run: bool = False, model: str | None = None) -> 
         raise PromotionError(f"{params.paths.splits / (GATE_SPLIT + '.csv')} is empty: raise split.gate_fraction "
                              "and re-run `dvc repro split`")
     ensemble = (model or rules.model) == ENSEMBLE
-    bins = params.evaluate.calibration_bins
     challenger_metrics, challenger_correct = score_version(f"models:/{name}/{challenger.version}", ensemble,
-                                                           frame, params.data, bins)
+                                                           frame, params.data, params.evaluate)
     rows = {f"challenger v{challenger.version}": challenger_metrics}
     test = None
     if champion is not None:
         champion_metrics, champion_correct = score_version(f"models:/{name}/{champion.version}", ensemble, frame,
-                                                           params.data, bins)
+                                                           params.data, params.evaluate)
         rows[f"champion v{champion.version}"] = champion_metrics
         test = mcnemar(challenger_correct, champion_correct)
     decision = gate(challenger_metrics, classes, rules, test)

@@ -9,7 +9,9 @@ profile of the data it was trained on:
 - style.parquet: the acquisition-style features of every training image (from the `style` stage's paths.style);
 - val_distances.parquet: each val image's distance to the training data (below);
 - reference.json: the embedding model and the decoding it was fed (image size, params data.preprocess), the
-  predicted class mix of the stack on val (predictions/stack/val.parquet), and the out-of-distribution threshold.
+  predicted class mix of the stack on val (predictions/stack/val.parquet), the out-of-distribution threshold, and
+  the drift thresholds per batch size calibrated on batches drawn from val (components.drift), with the
+  false-alarm rate they reach.
 
 A scan's distance to the training data is the mean Euclidean distance of its embedding to its monitor.ood_neighbours
 nearest training embeddings (scikit-learn NearestNeighbors). Val images are not trained on, so their distances are
@@ -115,6 +117,30 @@ def predicted_counts(predictions: pd.DataFrame, classes: list[str]) -> dict[str,
     return {c: int((winners == c).sum()) for c in classes}
 
 
+def calibrate_drift(params: Params, train_embeddings: np.ndarray, train_style: pd.DataFrame,
+                    class_mix: dict[str, float], ood_threshold: float, val: pd.DataFrame, val_embeddings: np.ndarray,
+                    val_distances: np.ndarray, val_predictions: pd.DataFrame) -> dict:
+    """Drift thresholds per batch size, from batches of val scans (components.drift.calibrate)."""
+    from components.drift import BatchPool, calibrate
+    from components.metrics import probability_columns
+
+    classes = params.data.classes
+    by_path = val_predictions.set_index("path")
+    predicted = np.asarray(classes)[by_path.loc[val.path, probability_columns(classes)].to_numpy().argmax(axis=1)]
+    val_style = val[["path"]].merge(read_styles(params)[["path", *STYLE_FEATURES]], on="path", how="left")
+    null = BatchPool(train_embeddings, train_style, STYLE_FEATURES, class_mix, ood_threshold, val_embeddings,
+                       val_style, predicted, val_distances)
+    monitor = params.monitor
+    log.info("calibrating drift thresholds on %d draws of val per batch size %s", monitor.calibration_draws,
+             monitor.calibration_sizes)
+    calibration = calibrate(null, monitor.calibration_sizes, monitor.calibration_draws, monitor.false_alarm_rate,
+                            params.seed)
+    for size, entry in calibration["sizes"].items():
+        log.info("batches of %s: false alarms on %.1f%% of %d further val batches (target %.1f%%)", size,
+                 100 * entry["measured_false_alarm_rate"], monitor.calibration_draws, 100 * monitor.false_alarm_rate)
+    return calibration
+
+
 def build_reference(params: Params) -> dict:
     """Write the profile (see the module docstring) to params paths.reference; returns its summary."""
     import keras
@@ -149,8 +175,12 @@ def build_reference(params: Params) -> dict:
     if len(unreadable):
         log.warning("%d training images have no style features (left out): %s", len(unreadable),
                     "; ".join(f"{r.path}: {r.error}" for r in unreadable.head(5).itertuples()))
-    counts = predicted_counts(pd.read_parquet(val_predictions), params.data.classes)
+    val_frame = pd.read_parquet(val_predictions)
+    counts = predicted_counts(val_frame, params.data.classes)
     total = max(sum(counts.values()), 1)
+    class_mix = {c: n / total for c, n in counts.items()}
+    calibration = calibrate_drift(params, train_embeddings, style[style.error.isna()], class_mix, threshold,
+                                  val, val_embeddings, distances, val_frame)
     meta = {
         "embedding_model": name,
         "pool_layer": POOL_LAYER,
@@ -165,9 +195,10 @@ def build_reference(params: Params) -> dict:
         "val_images": len(val),
         "classes": params.data.classes,
         "class_counts": counts,
-        "class_mix": {c: n / total for c, n in counts.items()},
+        "class_mix": class_mix,
         "class_mix_from": str(val_predictions),
         "style_features": STYLE_FEATURES,
+        "calibration": calibration,
     }
     out = paths.reference
     if out.exists():
@@ -181,4 +212,6 @@ def build_reference(params: Params) -> dict:
                                                                                        index=False)
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     return {"out": str(out), "embedding_model": name, "training_images": len(train), "val_images": len(val),
-            "ood_threshold": threshold, "class_mix": meta["class_mix"]}
+            "ood_threshold": threshold, "class_mix": meta["class_mix"],
+            "measured_false_alarm_rate": {size: entry["measured_false_alarm_rate"]
+                                          for size, entry in calibration["sizes"].items()}}

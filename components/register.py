@@ -10,14 +10,14 @@ import base64
 import errno
 import json
 import logging
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from components.config import Params, ProjectError
-from components.predict import IMAGE_COLUMN
+from components.predict import IMAGE_COLUMN, ensemble_artifacts
 from components.stack import STACK
+from components import tracking
 
 ENSEMBLE = "ensemble"
 log = logging.getLogger(__name__)
@@ -37,6 +37,9 @@ def model_card(params: Params, model: str, metrics: dict, tags: dict[str, str]) 
     counts = split_report.get("counts", {})
     lines = [
         f"# {registered_name(params, model)}", "",
+        *(["**SMOKE RUN** (the quick profile, `tracking.smoke: true`): a small sample at a small size, to see every "
+           "stage run once. It measures nothing and can never become champion.", ""]
+          if tags.get(tracking.SMOKE_TAG) == "true" else []),
         f"**Data version:** DVC `{tags['dvc_data_hash']}` · **git** `{tags['git_commit'][:12]}` · "
         f"**params** `{tags['params_hash']}`", "",
         "**Splits:** " + ", ".join(f"{s}: {sum(c.values())}" for s, c in counts.items())
@@ -118,26 +121,6 @@ def example_frame(params: Params) -> pd.DataFrame:
     """An input example in the served format: one real test image as base64 bytes."""
     first = pd.read_csv(params.paths.splits / "test.csv").path.iloc[0]
     return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(Path(first).read_bytes()).decode()]})
-
-
-def ensemble_artifacts(params: Params, meta_dir: Path | None = None) -> dict[str, str]:
-    """The EnsembleModel's artifacts from the workspace's trained models: one `<name>` per base model
-    (models/<name>/model.keras), `stacker` (models/stacker/stacker.pkl), `reference` (the folder paths.reference)
-    and `meta` (classes, models, serve limits), which is written to `meta_dir` (default: a new temporary folder).
-    What `register` logs, and what `evaluate-external` loads without a registry."""
-    folder = params.paths.models / "stacker"
-    # Written outside models/stacker/, which is the stack stage's DVC output; MLflow copies it into the model.
-    meta_path = Path(meta_dir or tempfile.mkdtemp(prefix="ensemble-")) / "ensemble_meta.json"
-    # The serve limits (rows per request, bytes and pixels per image) travel with the version (EnsembleModel).
-    # So does the decode path the models were trained on (data.preprocess).
-    meta_path.write_text(json.dumps({"classes": params.data.classes, "models": params.stack.models,
-                                     "preprocess": params.data.preprocess.model_dump(mode="json"),
-                                     **params.serve.model_dump()}) + "\n")
-    artifacts = {name: str(params.paths.models / name / "model.keras") for name in params.stack.models}
-    # The reference profile of the training data (components.reference) travels with the version too: monitoring
-    # a registered version compares incoming scans with the data it was trained on.
-    return artifacts | {"stacker": str(folder / "stacker.pkl"), "meta": str(meta_path),
-                        "reference": str(params.paths.reference)}
 
 
 def log_ensemble(params: Params):

@@ -5,8 +5,13 @@ and MLflow run, the registered versions and the data hash, checks the targets in
 plots next to the page. The headline is the full official test split (no twin of any of its images is left in
 training); its clean subset stands beside it with its class counts, as a check for residual leakage.
 
-Each run's metrics are also kept as <report.seeds_dir>/<seed>.json, so the page shows the spread over every seed
-run so far (a second seed: `braintumor flow train -S seed=43`, then `braintumor report`).
+Every figure is also shown by MRI weighting: the test split by the audit's estimated weighting, val by source and
+weighting (the weighting a source states, else the estimate), every external report by its stated weighting.
+
+Each run's figures are also kept as <report.runs_dir>/<data>-seed<seed>.json (<data>: the sources the training
+pool came from), so the page shows the spread over every seed run on its data (a second seed: `braintumor flow
+train -S seed=43`, then `braintumor report`) and, beside it, the runs of its seed on other data (e.g. the Kaggle set
+alone), so the effect of new data is measured.
 """
 
 from __future__ import annotations
@@ -20,14 +25,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.config import Params, ReportParams
+from components.config import EvaluateParams, Params, ReportParams, is_pretrained
 from components.data_import import data_hash
-from components.metrics import plot_learning_curves, proportion
+from components.metrics import (
+    NO_TUMOR,
+    labelled_figures,
+    plot_learning_curves,
+    probability_columns,
+    proportion,
+    proportion_text,
+    save_figure,
+)
 
 BASE_ROWS = ("custom_cnn", "mobilenetv2", "densenet169", "resnet50")
 TEST_SETS = {"test": "official test", "test_clean": "clean test"}
-# components/models.py builds custom_cnn without a Keras application backbone: its `weights` is never loaded.
-NO_BACKBONE = frozenset({"custom_cnn"})
 UNKNOWN = "unknown"
 
 
@@ -64,7 +75,7 @@ class TrainingSetup:
 
     @property
     def pretrained(self) -> bool:
-        return self.weights != "none" and self.model not in NO_BACKBONE
+        return is_pretrained(self.model, self.weights)
 
 
 def training_setup(model: str, tags: dict[str, str] | None, run_params: dict[str, str] | None,
@@ -154,13 +165,13 @@ def target_checks(evaluation: dict, targets: ReportParams, audit: dict | None = 
     the run has nothing to judge it by (no audit, no external report, a single seed)."""
     full = {name: sets["test"] for name, sets in evaluation.items()}
     base = {name: full[name]["accuracy"] for name in BASE_ROWS if name in full}
+    goal = {name: targets.model_targets.get(name, targets.base_model_target) for name in base}
     checks: list[tuple[str, bool | None, str]] = [
-        (f"{name} >= {_pct(targets.base_model_target)}", acc >= targets.base_model_target, _pct(acc))
-        for name, acc in base.items()]
+        (f"{name} >= {_pct(goal[name])}", acc >= goal[name], _shortfall(acc, goal[name])) for name, acc in base.items()]
     if "stack" in full:
         stack = full["stack"]
         checks.append((f"stack >= {_pct(targets.stack_target)}", stack["accuracy"] >= targets.stack_target,
-                       _pct(stack["accuracy"])))
+                       _shortfall(stack["accuracy"], targets.stack_target)))
         if base:
             best_name = max(base, key=base.get)
             checks.append((f"stack above the best single model ({best_name})", stack["accuracy"] > base[best_name],
@@ -188,16 +199,15 @@ def target_checks(evaluation: dict, targets: ReportParams, audit: dict | None = 
                            f"{_pct(g['counter_shortcut'])} (n={g['n']}) vs {_pct(g['overall'])}"))
     if audit is not None and not gaps:
         checks.append(("T2-like tumors within the gap target", None, "no T2-like tumor found in the test split"))
+    healthy_t1 = ((audit or {}).get("test_cells", {}).get("stack", {}).get(f"{NO_TUMOR} T1-like", {})
+                  .get("tumor_specificity"))
+    if audit is not None:
+        what = f"stack: T1-like healthy scans called healthy >= {_pct(targets.t1_healthy_specificity_target)}"
+        checks.append((what, None, "no T1-like healthy scan in the test split") if not healthy_t1 else
+                      (what, healthy_t1["value"] >= targets.t1_healthy_specificity_target,
+                       _shortfall(healthy_t1["value"], targets.t1_healthy_specificity_target, healthy_t1)))
     for label, report in (external or {}).items():
-        figure = report["metrics"]["stack"]["tumor_sensitivity"] if report else None
-        if figure is None or figure.get("value") is None:
-            checks.append((f"external `{label}`: stack tumor sensitivity >= "
-                           f"{_pct(targets.external_sensitivity_target)}", None, "not run"))
-        else:
-            checks.append((f"external `{label}`: stack tumor sensitivity >= "
-                           f"{_pct(targets.external_sensitivity_target)}",
-                           figure["value"] >= targets.external_sensitivity_target,
-                           f"{_pct(figure['value'])} ({figure['k']}/{figure['n']})"))
+        checks += external_checks(label, report, targets)
     spreads = seed_spreads(seeds or {})
     for name, spread in spreads.items():
         limit = targets.stack_seed_spread_points if name == "stack" else targets.seed_spread_points
@@ -207,6 +217,37 @@ def target_checks(evaluation: dict, targets: ReportParams, audit: dict | None = 
     if training_minutes is not None:
         checks.append((f"all trainings <= {targets.training_budget_minutes:g} min",
                        training_minutes <= targets.training_budget_minutes, f"{training_minutes:.1f} min"))
+    return checks
+
+
+def _shortfall(value: float, target: float, figure: dict | None = None) -> str:
+    """The value (with its count when `figure` has one), and how many points below `target` when it is."""
+    text = _pct(value) + (f" ({figure['k']}/{figure['n']})" if figure and "k" in figure else "")
+    return text if value >= target else f"{text}, {100 * (target - value):.1f} points short"
+
+
+EXTERNAL_TARGETS = (("tumor_sensitivity", "tumor sensitivity", "external_sensitivity_target"),
+                    ("tumor_specificity", "specificity", "external_specificity_target"),
+                    ("accuracy", "class accuracy", "external_accuracy_target"))
+
+
+def external_checks(label: str, report: dict | None, targets: ReportParams) -> list[tuple[str, bool | None, str]]:
+    """The stack's tumor sensitivity, specificity and class accuracy on one external report, for all its scans and
+    for each stated weighting, each where the report has scans to judge it by."""
+    if report is None:
+        return [(f"external `{label}`: stack tumor sensitivity >= {_pct(targets.external_sensitivity_target)}",
+                 None, "not run")]
+    checks = []
+    cells = {"all": report["metrics"], **report.get("by_weighting", {})}
+    for cell, by_model in cells.items():
+        stack = by_model.get("stack", {})
+        for key, words, target_name in EXTERNAL_TARGETS:
+            figure, target = stack.get(key), getattr(targets, target_name)
+            if not figure or figure.get("value") is None:
+                continue
+            where = "" if cell == "all" else f" {cell}"
+            checks.append((f"external `{label}`{where}: stack {words} >= {_pct(target)}", figure["value"] >= target,
+                           _shortfall(figure["value"], target, figure)))
     return checks
 
 
@@ -233,14 +274,52 @@ def seeds_table(seeds: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
-def record_seed(params: Params, evaluation: dict) -> dict[int, dict]:
-    """Keep this run's evaluation as seeds_dir/<seed>.json (replacing that seed's older run) and return every
-    seed's, this one included."""
-    folder = Path(params.report.seeds_dir)
+def data_label(params: Params) -> str:
+    """The sources the training pool came from (splits/train.csv's `source`), e.g. `kaggle+external-feltrin-dev`."""
+    train = pd.read_csv(params.paths.splits / "train.csv")
+    sources = sorted(set(train.source.dropna())) if "source" in train else []
+    return "+".join(sources) or params.manifest.base_source
+
+
+def record_run(params: Params, record: dict) -> dict[str, dict]:
+    """Keep this run's figures as runs_dir/<data>-seed<seed>.json (replacing that pair's older run) and return every
+    run kept, this one included, by file stem."""
+    folder = Path(params.report.runs_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{params.seed}.json").write_text(json.dumps(evaluation, indent=2) + "\n")
-    return {int(path.stem): json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))
-            if path.stem.isdigit()}
+    (folder / f"{record['data']}-seed{record['seed']}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*-seed*.json"))}
+
+
+def stack_cell(record: dict, cell: str, key: str) -> dict | None:
+    return record.get("audit_cells", {}).get("stack", {}).get(cell, {}).get(key)
+
+
+def data_table(runs: dict[str, dict], seed: int, classes: list[str]) -> str:
+    """The runs of one seed on each data version side by side: what new data changed."""
+    rows = {name: run for name, run in runs.items() if run["seed"] == seed}
+    if len(rows) < 2:
+        return f"Only one data version has been run with seed {seed} so far."
+    names = list(rows)
+    lines = ["| | " + " | ".join(f"`{rows[n]['data']}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for model in [*BASE_ROWS, "soft_vote", "stack"]:
+        lines.append(f"| {model}, full test accuracy | " + " | ".join(
+            _pct(rows[n]["evaluation"][model]["test"]["accuracy"]) if model in rows[n]["evaluation"] else "–"
+            for n in names) + " |")
+    for cell, key, words in ((f"tumor T2-like", "tumor_sensitivity", "stack, T2-like test tumors found"),
+                             (f"{NO_TUMOR} T1-like", "tumor_specificity", "stack, T1-like healthy test scans called healthy")):
+        lines.append(f"| {words} | " + " | ".join(
+            proportion_text(stack_cell(rows[n], cell, key)) for n in names) + " |")
+    external_names = sorted({e for n in names for e in rows[n].get("external", {})})
+    for external in external_names:
+        cells = sorted({c for n in names for c in rows[n]["external"].get(external, {})})
+        for cell in cells:
+            for key, words, _ in EXTERNAL_TARGETS:
+                values = [rows[n]["external"].get(external, {}).get(cell, {}).get(key) for n in names]
+                if any(v and v.get("value") is not None for v in values):
+                    lines.append(f"| `{external}` {cell}: stack {words} | "
+                                 + " | ".join(proportion_text(v) if v and v.get("value") is not None else "–"
+                                              for v in values) + " |")
+    return "\n".join(lines)
 
 
 def class_counts(test: pd.DataFrame, classes: list[str]) -> dict[str, dict[str, int]]:
@@ -248,7 +327,7 @@ def class_counts(test: pd.DataFrame, classes: list[str]) -> dict[str, dict[str, 
             "test_clean": {c: int(((test.label == c) & test.clean).sum()) for c in classes}}
 
 
-def _figure(value: float, n: int, settings: ReportParams) -> str:
+def _figure(value: float, n: int, settings: EvaluateParams) -> str:
     """value (a proportion of n scans) with its count, and a Wilson interval below settings.interval_below."""
     k = int(round(value * n))
     figure = proportion(value, k, n, settings.interval_below, settings.confidence)
@@ -259,7 +338,7 @@ def _figure(value: float, n: int, settings: ReportParams) -> str:
 
 
 def headline_table(evaluation: dict, counts: dict[str, dict[str, int]], classes: list[str],
-                   settings: ReportParams) -> str:
+                   settings: EvaluateParams) -> str:
     """Full test split: accuracy, tumor sensitivity and specificity, per-class sensitivity, ECE, each with its
     count."""
     full = counts["test"]
@@ -279,7 +358,7 @@ def headline_table(evaluation: dict, counts: dict[str, dict[str, int]], classes:
 
 
 def clean_table(evaluation: dict, counts: dict[str, dict[str, int]], classes: list[str],
-                settings: ReportParams) -> str:
+                settings: EvaluateParams) -> str:
     clean = counts["test_clean"]
     header = ["model", "clean accuracy", "full accuracy", "gap (points)", *[f"clean {c} sensitivity"
                                                                            for c in classes]]
@@ -303,9 +382,10 @@ def external_section(external: dict[str, dict | None]) -> str:
             continue
         counts = report["counts"]
         lines += [f"### `{report['name']}` ({report['layout']} layout, {report['source']})", "",
-                  f"{counts['found']} files; dropped as duplicates of Kaggle images: {counts['dropped_exact']} exact, "
-                  f"{counts['dropped_near']} near; scored {counts['scored']} ({counts['scored_tumor']} tumor, "
-                  f"{counts['scored_healthy']} healthy).", "",
+                  f"{counts['found']} files; not scored (trained on, or duplicates of the "
+                  f"{report.get('base_source', 'Kaggle')} set): "
+                  f"{counts.get('dropped', counts.get('dropped_exact', 0) + counts.get('dropped_near', 0))}; scored "
+                  f"{counts['scored']} ({counts['scored_tumor']} tumor, {counts['scored_healthy']} healthy).", "",
                   "| model | tumor sensitivity | tumor specificity |", "|---|---|---|"]
         for name, figures in report["metrics"].items():
             cells = []
@@ -321,6 +401,97 @@ def external_section(external: dict[str, dict | None]) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+FIGURE_WORDS = {"tumor_sensitivity": "tumor sensitivity", "tumor_specificity": "healthy called healthy",
+                "accuracy": "class accuracy"}
+
+
+def prediction_cells(params: Params) -> dict[str, dict[str, pd.DataFrame]]:
+    """{set: {model: its predictions with a `cell` column}}: the official test split by the audit's estimated
+    weighting (paths.style), and val by source and weighting (the weighting the source states, else the
+    estimate)."""
+    from components.stack import SOFT_VOTE, STACK
+
+    if not Path(params.paths.style).exists():
+        return {}
+    estimated = pd.read_parquet(params.paths.style, columns=["path", "weighting"]).rename(
+        columns={"weighting": "estimated"})
+    val_meta = pd.read_csv(params.paths.splits / "val.csv").reindex(columns=["path", "source", "weighting"])
+    sets = {"official test, by estimated weighting": {}, "val, by source and weighting": {}}
+    for name in [*params.stack.models, SOFT_VOTE, STACK]:
+        folder = params.paths.predictions / name
+        if not (folder / "test.parquet").exists():
+            continue
+        test = pd.read_parquet(folder / "test.parquet").merge(estimated, on="path", how="left")
+        sets["official test, by estimated weighting"][name] = test.assign(cell=test.estimated.fillna("unknown"))
+        val = pd.read_parquet(folder / "val.parquet").merge(val_meta, on="path", how="left").merge(
+            estimated, on="path", how="left")
+        weighting = val.weighting.where(val.weighting.notna(), val.estimated).fillna("unknown")
+        sets["val, by source and weighting"][name] = val.assign(
+            cell=val.source.fillna(params.manifest.base_source) + " " + weighting)
+    return {name: frames for name, frames in sets.items() if frames}
+
+
+def cell_figures(frames: dict[str, pd.DataFrame], classes: list[str], settings: EvaluateParams
+                 ) -> dict[str, dict[str, dict]]:
+    """{cell: {model: labelled_figures}} (tumor sensitivity, specificity, class accuracy, each with its count)."""
+    cells = sorted({cell for frame in frames.values() for cell in frame.cell})
+    return {cell: {name: labelled_figures(frame[frame.cell == cell].label.to_numpy(),
+                                          frame[frame.cell == cell][probability_columns(classes)].to_numpy(),
+                                          classes, settings.tumor_threshold, settings.interval_below,
+                                          settings.confidence)
+                   for name, frame in frames.items()} for cell in cells}
+
+
+def cells_table(cells: dict[str, dict[str, dict]]) -> str:
+    """One row per cell and figure, one column per model."""
+    models = list(next(iter(cells.values()), {}))
+    lines = ["| scans | figure | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    for cell, by_model in cells.items():
+        for key, words in FIGURE_WORDS.items():
+            if any(key in figures and figures[key].get("value") is not None for figures in by_model.values()):
+                lines.append(f"| {cell} | {words} | " + " | ".join(
+                    proportion_text(by_model[m].get(key)) if by_model[m].get(key, {}).get("value") is not None
+                    else "–" for m in models) + " |")
+    return "\n".join(lines)
+
+
+def external_cells(report: dict) -> dict[str, dict[str, dict]]:
+    """An external report's figures as cells: all its scored scans, then each stated weighting."""
+    return {"all": report["metrics"], **report.get("by_weighting", {})}
+
+
+def plot_by_weighting(series: dict[str, dict[str, dict[str, dict]]], out: Path) -> Path | None:
+    """The stack's tumor sensitivity and its healthy-called-healthy share in every cell of every set."""
+    import matplotlib.pyplot as plt
+
+    bars = []
+    for set_name, cells in series.items():
+        for cell, by_model in cells.items():
+            for key in ("tumor_sensitivity", "tumor_specificity"):
+                figure = by_model.get("stack", {}).get(key)
+                if figure and figure.get("value") is not None:
+                    bars.append((f"{set_name.strip('`')}: {cell}", key, figure))
+    if not bars:
+        return None
+    figure, axes = plt.subplots(1, 2, figsize=(11, 0.32 * max(len(bars), 8) + 1.2), sharey=False)
+    for axis, key in zip(axes, ("tumor_sensitivity", "tumor_specificity")):
+        rows = [(label, f) for label, k, f in bars if k == key]
+        labels = [label for label, _ in rows]
+        values = [100 * f["value"] for _, f in rows]
+        low = [100 * (f["value"] - f.get("ci_low", f["value"])) for _, f in rows]
+        high = [100 * (f.get("ci_high", f["value"]) - f["value"]) for _, f in rows]
+        axis.barh(range(len(rows)), values, xerr=[low, high], color="#4c72b0" if key == "tumor_sensitivity"
+                  else "#55a868", capsize=2)
+        for y, (_, f) in enumerate(rows):
+            axis.text(1, y, f"{100 * f['value']:.0f}% of {f['n']}", va="center", color="white", fontsize=7)
+        axis.set_yticks(range(len(rows)), labels, fontsize=7)
+        axis.invert_yaxis()
+        axis.set_xlim(0, 100)
+        axis.axvline(90, color="grey", linestyle=":", linewidth=1)
+        axis.set_title(f"stack: {FIGURE_WORDS[key]} (%)", fontsize=9)
+    return save_figure(figure, out)
 
 
 def read_external(settings: ReportParams) -> dict[str, dict | None]:
@@ -497,7 +668,20 @@ def write_report(params: Params, commit: str) -> Path:
     audit_file = params.paths.metrics / "audit.json"
     audit = json.loads(audit_file.read_text()) if audit_file.exists() else None
     external = read_external(settings)
-    seeds = record_seed(params, evaluation)
+    predicted_cells = {name: cell_figures(frames, params.data.classes, params.evaluate)
+                       for name, frames in prediction_cells(params).items()}
+    weighting_series = {**predicted_cells, **{f"`{name}`": external_cells(report)
+                                              for name, report in external.items() if report}}
+    weighting_image = plot_by_weighting(weighting_series, figures / "by_weighting.png")
+    data = data_label(params)
+    runs = record_run(params, {
+        "data": data, "seed": params.seed, "commit": commit, "training_commits": training_commits,
+        "data_hash": data_hash(params.paths.raw.with_name(params.paths.raw.name + ".dvc")),
+        "smoke": params.tracking.smoke, "evaluation": evaluation,
+        "audit_cells": (audit or {}).get("test_cells", {}),
+        "external": {name: external_cells(report) for name, report in external.items() if report},
+        "training_minutes": round(training_seconds / 60, 1)})
+    seeds = {run["seed"]: run["evaluation"] for run in runs.values() if run["data"] == data}
     counts = class_counts(test, params.data.classes)
     checks = target_checks(evaluation, settings, audit, external, seeds, training_seconds / 60)
     stage_lines = ["| stage | MLflow run | wall time |", "|---|---|---|"]
@@ -511,9 +695,11 @@ def write_report(params: Params, commit: str) -> Path:
     clean_counts = ", ".join(f"{c} {n}" for c, n in counts["test_clean"].items())
     full_counts = ", ".join(f"{c} {n}" for c, n in counts["test"].items())
 
-    text = f"""# Results: {headline(setups)}, on the full shared data set
+    smoke = ("**SMOKE RUN** (`tracking.smoke: true`, the quick profile): a small sample at a small size, to see every "
+             "stage run once. These figures measure nothing.\n\n" if params.tracking.smoke else "")
+    text = f"""# {"Smoke run, not a result: " if params.tracking.smoke else ""}Results: {headline(setups)}, trained on `{data}`
 
-_Written by `braintumor report` from the run's own outputs ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC).
+{smoke}_Written by `braintumor report` from the run's own outputs ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC).
 Do not edit by hand: re-run the profile, then `braintumor report`._
 
 - **Code:** trained at git commit {', '.join(f"`{c}`" for c in training_commits)} (the trainings' MLflow
@@ -525,8 +711,8 @@ Do not edit by hand: re-run the profile, then `braintumor report`._
   removed every exact and near twin of its images from training. Its clean subset, {int(test.clean.sum())} scans
   ({clean_counts}), has no near duplicate even in the official Training folder; it checks for residual leakage,
   and its healthy class is too small to carry a headline (`docs/near-duplicates.md`).
-- **Counts:** every figure shows its count; those resting on fewer than {settings.interval_below} scans also show a
-  {round(100 * settings.confidence)}% Wilson interval.
+- **Counts:** every figure shows its count; those resting on fewer than {params.evaluate.interval_below} scans also
+  show a {round(100 * params.evaluate.confidence)}% Wilson interval.
 
 ## Targets
 
@@ -536,14 +722,15 @@ Do not edit by hand: re-run the profile, then `braintumor report`._
 
 ## Full test split ({len(test)} scans)
 
-Tumor sensitivity: share of glioma, meningioma and pituitary scans not called `notumor`; specificity: share of
-`notumor` scans called `notumor`.
+Tumor sensitivity: share of glioma, meningioma and pituitary scans called tumor (1 − P(notumor) ≥
+{params.evaluate.tumor_threshold}, the one tumor call of every table here); specificity: share of `notumor` scans not
+called tumor.
 
-{headline_table(evaluation, counts, params.data.classes, settings)}
+{headline_table(evaluation, counts, params.data.classes, params.evaluate)}
 
 ## Clean subset ({int(test.clean.sum())} scans: {clean_counts})
 
-{clean_table(evaluation, counts, params.data.classes, settings)}
+{clean_table(evaluation, counts, params.data.classes, params.evaluate)}
 
 ## Shortcut audit
 
@@ -556,11 +743,29 @@ From [`{params.paths.audit_report}`](../{params.paths.audit_report.as_posix()});
 
 {external_section(external)}
 
+## By MRI weighting
+
+Every figure in one tumor call, per MRI weighting: the official test split by the audit's estimated weighting
+(T1-like, T2-like), val by source and weighting (the weighting a source states, else the estimate), and every
+external report by the weighting it states. Under {params.evaluate.interval_below} scans a figure shows its
+{round(100 * params.evaluate.confidence)}% Wilson interval.
+
+{weighting_figure_line(weighting_image, figures, settings)}
+
+{chr(10).join(f"### {name}{chr(10)}{chr(10)}{cells_table(cells)}{chr(10)}" for name, cells in weighting_series.items())}
+
 ## Seeds
 
-Full-test accuracy of every run kept in `{settings.seeds_dir}` (this run: seed {params.seed}).
+Full-test accuracy of every run on this page's data (`{data}`) kept in `{settings.runs_dir}` (this run: seed
+{params.seed}).
 
 {seeds_table(seeds)}
+
+## New data: the runs of seed {params.seed} on each data version
+
+The same code and seed on each data version kept in `{settings.runs_dir}`: what the data changed.
+
+{data_table(runs, params.seed, params.data.classes)}
 
 ## Profile
 
@@ -597,6 +802,13 @@ Registered by run `{registered.get('run_id', 'n/a')}`:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return out
+
+
+def weighting_figure_line(image: Path | None, figures: Path, settings: ReportParams) -> str:
+    if image is None:
+        return ""
+    return (f"![stack: tumor sensitivity and healthy scans called healthy, by weighting and set]"
+            f"({figures.relative_to(Path(settings.out).parent).as_posix()}/{image.name})")
 
 
 def _cpu_count() -> int:

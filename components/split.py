@@ -1,5 +1,7 @@
 """Leakage-free splits: official Testing stays `test`; train, val and gate come from what is left of Training once
-every exact or near duplicate of a test image is dropped; duplicate groups never straddle train, val and gate.
+every exact or near duplicate of a test image is dropped; duplicate groups never straddle train, val and gate, and
+neither do the groups a source states (the manifest's `source_group`: adjacent slices of one case of an appended
+collection).
 
 `stack` is held out for the meta-learner alone (components.stack): the base models' early stopping and schedules
 chose on `val`, so their val predictions are optimistic; the stacker is fitted on rows no base-model choice saw.
@@ -19,7 +21,7 @@ from scipy.sparse.csgraph import connected_components
 from components.config import Paths, SplitParams
 from components.validate import check_split_leakage
 
-SPLIT_COLUMNS = ["path", "label", "content_hash", "dhash", "group"]
+SPLIT_COLUMNS = ["path", "label", "content_hash", "dhash", "group", "source", "weighting"]
 HOLDOUTS = ("val", "stack", "gate")  # carved from the de-duplicated training pool, in this order; the rest is train
 
 
@@ -34,9 +36,17 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a @ (1 - b).T + (1 - a) @ b.T).astype(np.int32)
 
 
-def duplicate_groups(bits: np.ndarray, distance: int) -> np.ndarray:
-    """Group id per row: connected components of the 'within distance' graph (exact copies have distance 0)."""
-    _, labels = connected_components(csr_matrix(hamming(bits, bits) <= distance), directed=False)
+def duplicate_groups(bits: np.ndarray, distance: int, source_groups: pd.Series | None = None) -> np.ndarray:
+    """Group id per row: connected components of the graph joining rows within `distance` of each other (exact
+    copies have distance 0) and rows of one stated source group (None: no group stated)."""
+    adjacency = csr_matrix(hamming(bits, bits) <= distance)
+    if source_groups is not None:
+        codes, _ = pd.factorize(pd.Series(source_groups).reset_index(drop=True))  # -1 where no group is stated
+        rows = np.flatnonzero(codes >= 0)
+        if len(rows):
+            first = pd.Series(rows).groupby(codes[rows]).transform("min").to_numpy()  # each row -> its group's first
+            adjacency = adjacency + csr_matrix((np.ones(len(rows), dtype=bool), (rows, first)), shape=adjacency.shape)
+    _, labels = connected_components(adjacency, directed=False)
     return labels
 
 
@@ -83,6 +93,9 @@ def carve(labels: pd.Series, groups: pd.Series, fractions: dict[str, float], see
 
 def make_splits(manifest: pd.DataFrame, quarantine: pd.DataFrame, raw_dir: Path, params: SplitParams,
                 seed: int) -> tuple[dict[str, pd.DataFrame], dict, pd.DataFrame]:
+    manifest = manifest.reindex(columns=[*manifest.columns.drop(["source", "weighting", "source_group"],
+                                                                 errors="ignore"),
+                                         "source", "weighting", "source_group"])  # manifests from before provenance
     usable = manifest[manifest.readable & ~manifest.path.isin(set(quarantine.path))].reset_index(drop=True)
     usable = usable.assign(path=[(Path(raw_dir) / p).as_posix() for p in usable.path])
     test = usable[usable.official_split == "test"].reset_index(drop=True)
@@ -100,7 +113,7 @@ def make_splits(manifest: pd.DataFrame, quarantine: pd.DataFrame, raw_dir: Path,
     )
 
     kept = pool[~(exact | near)].reset_index(drop=True)
-    kept["group"] = duplicate_groups(pool_bits[~(exact | near)], params.near_duplicate_distance)
+    kept["group"] = duplicate_groups(pool_bits[~(exact | near)], params.near_duplicate_distance, kept.source_group)
     assigned = carve(kept.label, kept.group, {"val": params.val_fraction, "stack": params.stack_fraction,
                                               "gate": params.gate_fraction}, seed)
 
@@ -113,6 +126,8 @@ def make_splits(manifest: pd.DataFrame, quarantine: pd.DataFrame, raw_dir: Path,
     cross = test.content_hash[test.content_hash.isin(set(pool.content_hash))]
     report = {
         "counts": {name: frame.label.value_counts().sort_index().to_dict() for name, frame in splits.items()},
+        "counts_by_source": {name: frame.source.fillna("unknown").value_counts().sort_index().to_dict()
+                             for name, frame in splits.items()},
         "shares_of_training_pool": {name: round(len(splits[name]) / max(len(kept), 1), 4)
                                     for name in ("train", *HOLDOUTS)},
         "clean_test": int(test.clean.sum()),

@@ -22,6 +22,7 @@ import pandas as pd
 
 from components.config import Params, StackParams
 from components.metrics import basic_metrics, probability_columns, scores, split_metrics
+from components.progress import ticking
 
 SOFT_VOTE, STACK = "soft_vote", "stack"
 log = logging.getLogger(__name__)
@@ -131,9 +132,13 @@ def fit_stacker(fit_rows: dict[str, pd.DataFrame], classes: list[str], stack: St
     labels, _ = scores(next(iter(fit_rows.values())), classes)
     features = stack_features({name: scores(frame, classes)[1] for name, frame in fit_rows.items()}, stack)
     automl = AutoML()
-    automl.fit(features, labels, task="classification", time_budget=stack.time_budget, metric=stack.metric,
-               estimator_list=list(stack.estimators), eval_method="cv", n_splits=stack.folds, seed=seed,
-               log_file_name=str(log_file) if log_file else "", mlflow_logging=False, verbose=0)
+    log.info("FLAML searches the meta-learner for %g s over %s, %d-fold CV on %d rows", stack.time_budget,
+             ", ".join(stack.estimators), stack.folds, len(labels))
+    with ticking("FLAML search", stack.time_budget, log):
+        automl.fit(features, labels, task="classification", time_budget=stack.time_budget, metric=stack.metric,
+                   estimator_list=list(stack.estimators), eval_method="cv", n_splits=stack.folds, seed=seed,
+                   log_file_name=str(log_file) if log_file else "", mlflow_logging=False, verbose=0)
+    log.info("FLAML chose %s (cross-validated %s %.4f)", automl.best_estimator, stack.metric, automl.best_loss)
     temperature = 1.0
     if stack.calibration == "temperature" and np.bincount(labels)[np.unique(labels)].min() < 2:
         log.warning("stack.calibration: a class has a single stack-split row, too few to fit a temperature out "

@@ -32,6 +32,7 @@ from scipy import ndimage, stats
 
 from components.config import Params, ProjectError, StyleParams
 from components.images import ImageError, head_mask, open_image
+from components.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def style_frame(paths: list[str], workers: int = 1) -> pd.DataFrame:
     paths = [str(p) for p in paths]
     if workers > 1 and len(paths) > 64:
         with ProcessPoolExecutor(workers) as pool:
-            rows = list(pool.map(_row, paths, chunksize=64))
+            rows = list(track(pool.map(_row, paths, chunksize=64), len(paths), "style features", log))
     else:
         rows = [_row(p) for p in paths]
     frame = pd.DataFrame(rows, columns=["path", *STYLE_FEATURES, "error"])
@@ -192,7 +193,6 @@ def run_style(params: Params) -> dict:
     manifest = pd.read_parquet(params.paths.manifest)
     manifest = manifest[manifest.readable].reset_index(drop=True)
     manifest["full_path"] = [(Path(params.paths.raw) / p).as_posix() for p in manifest.path]
-    log.info("style features of %d scans", len(manifest))
     features = style_frame(manifest.full_path.tolist(), params.manifest.workers).drop(columns="path")
     features = pd.concat([manifest[["path", "full_path", "label", "mode"]].rename(columns={"path": "file"}),
                           features], axis=1)

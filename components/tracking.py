@@ -107,12 +107,16 @@ def git_commit() -> str:
     return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
+SMOKE_TAG = "smoke"
+
+
 def provenance(params: Params) -> dict[str, str]:
     """Tags every run and registered version carries."""
     tags = {
         "git_commit": git_commit(),
         "dvc_data_hash": data_hash(params.paths.raw.with_name(params.paths.raw.name + ".dvc")) or "untracked",
         "params_hash": params.digest(),
+        SMOKE_TAG: str(params.tracking.smoke).lower(),  # the quick profile: promote refuses such a version
     }
     if os.environ.get(FLOW_RUN_ENV):
         tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]

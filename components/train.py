@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.config import ModelParams, Params, ProjectError, TrainParams
+from components.config import ModelParams, Params, ProjectError, TrainParams, is_pretrained
 from components.metrics import plot_confusion, plot_history, probability_columns, scores, split_metrics
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,36 @@ def _saved_epoch(backup_dir: Path) -> int:
     return json.loads(metadata.read_text())["epoch"] if metadata.exists() else 0
 
 
+def epoch_progress(total_epochs: int, monitor: str):
+    """A Keras callback logging one console line per epoch: its time, loss, the monitored metric with its best so
+    far, and the time left if every epoch runs (early stopping may end sooner)."""
+    import time
+
+    import keras
+
+    class EpochProgress(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.started, self.best = time.perf_counter(), None
+            self.first = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.first = epoch if self.first is None else self.first
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            elapsed = time.perf_counter() - self.started
+            per_epoch = elapsed / (epoch + 1 - self.first)
+            value = logs.get(monitor)
+            if value is not None:
+                better = min if "loss" in monitor else max
+                self.best = value if self.best is None else better(self.best, value)
+            shown = f"{monitor} {value:.4f} (best {self.best:.4f})" if value is not None else ""
+            log.info("epoch %d/%d: %.0f s, loss %.4f, %s; at most %.1f min left", epoch + 1, total_epochs,
+                     per_epoch, logs.get("loss", float("nan")), shown, per_epoch * (total_epochs - epoch - 1) / 60)
+
+    return EpochProgress()
+
+
 def _callbacks(params: Params, model_params: ModelParams, outputs: Outputs, phase: str, learning_rate: float):
     import keras
     import mlflow
@@ -76,6 +106,7 @@ def _callbacks(params: Params, model_params: ModelParams, outputs: Outputs, phas
     train = params.train
     mode = "min" if "loss" in train.monitor else "max"
     callbacks = [
+        epoch_progress(model_params.epochs, train.monitor),
         keras.callbacks.BackupAndRestore(str(outputs.checkpoints / phase)),
         keras.callbacks.EarlyStopping(monitor=train.monitor, mode=mode, patience=train.early_stopping_patience,
                                       restore_best_weights=True),
@@ -113,10 +144,10 @@ def _optimizer(params: Params, learning_rate: float, steps: int, steps_per_epoch
     return keras.optimizers.Adam(schedule, **ema)
 
 
-def _phases(model_params: ModelParams) -> list[tuple[str, int, int, float]]:
+def _phases(name: str, model_params: ModelParams) -> list[tuple[str, int, int, float]]:
     """(phase, first epoch, last epoch, learning rate). From scratch there is nothing to freeze: one phase in
     which every layer trains."""
-    if not model_params.pretrained:
+    if not is_pretrained(name, model_params.weights):
         return [("full", 0, model_params.epochs, model_params.learning_rate)]
     if model_params.head_epochs == 0:
         return [("fine_tune", 0, model_params.epochs, model_params.fine_tune_learning_rate)]
@@ -202,9 +233,13 @@ def train_model(name: str, params: Params) -> TrainResult:
                             cache_dir=cache_dir).map(one_hot)
 
     model = build_model(name, model_params, params.train, len(classes))
-    resumed_from = max(_saved_epoch(outputs.checkpoints / phase) for phase, *_ in _phases(model_params))
+    resumed_from = max(_saved_epoch(outputs.checkpoints / phase) for phase, *_ in _phases(name, model_params))
     head_done = outputs.checkpoints / "head.weights.h5"
     steps_per_epoch = math.ceil(len(frames["train"]) / model_params.batch_size)
+    log.info("%d training and %d val images at %d px, up to %d epochs on %s%s (the first epoch also decodes "
+             "and caches the images)", len(frames["train"]), len(frames["val"]), model_params.image_size,
+             model_params.epochs, "a GPU" if device["gpus"] else "the CPU",
+             f", resuming after epoch {resumed_from}" if resumed_from else "")
 
     with tracking.stage_run(params, run_name=f"train-{name}", stage="train") as run:
         mlflow.log_params({"model": name, **tracking.flatten(f"models.{name}", model_params.model_dump()),
@@ -212,7 +247,7 @@ def train_model(name: str, params: Params) -> TrainResult:
                            "train_images": len(frames["train"]), "val_images": len(frames["val"])})
         mlflow.set_tags({**tracking.system_info(), **{k: str(v) for k, v in device.items()},
                          "resumed_from_epoch": str(resumed_from)})
-        for phase, first, last, learning_rate in _phases(model_params):
+        for phase, first, last, learning_rate in _phases(name, model_params):
             if phase == "head" and head_done.exists():
                 model.load_weights(head_done)
                 continue
@@ -253,6 +288,10 @@ def train_model(name: str, params: Params) -> TrainResult:
             {"tracking_uri": tracking.public_uri(mlflow.get_tracking_uri()), "run_id": run_id,
              "model_uri": logged.model_uri, "model_id": logged.model_id}, indent=2) + "\n")
 
+    best = history[params.train.monitor].max() if "loss" not in params.train.monitor else \
+        history[params.train.monitor].min()
+    log.info("done: %d epochs, best %s %.4f; val accuracy %.4f (%s)", len(history), params.train.monitor, best,
+             metrics["val"]["accuracy"], outputs.model)
     shutil.rmtree(outputs.checkpoints, ignore_errors=True)  # finished: nothing left to resume
     keras.backend.clear_session()
     return TrainResult(name, metrics, outputs.model, run_id, len(history), resumed_from)

@@ -18,7 +18,7 @@ import great_expectations.expectations as gxe
 import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
-from components.config import ProjectError, ValidateParams
+from components.config import ManifestParams, ProjectError, ValidateParams
 from components.images import PLAIN_MODES
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,13 @@ def manifest_expectations(params: ValidateParams, classes: list[str]) -> tuple[l
     return hard, row_level
 
 
+def provenance_expectations(params: ValidateParams) -> list:
+    """Hard expectations over the manifest's provenance: every scan names its source, and a stated MRI weighting is
+    one of validate.weightings (a scan may state none)."""
+    return [gxe.ExpectColumnValuesToNotBeNull(column="source"),
+            gxe.ExpectColumnValuesToBeInSet(column="weighting", value_set=params.weightings)]
+
+
 def quarantine_table(manifest: pd.DataFrame, check: CheckResult) -> pd.DataFrame:
     """One row per rejected file with every reason; the manifest's decode error is the most specific one."""
     reasons: dict[str, list[str]] = {}
@@ -126,7 +133,8 @@ def validate_manifest(manifest: pd.DataFrame, params: ValidateParams, classes: l
                       quarantine_out: Path, summary_out: Path) -> dict[str, Any]:
     """Run both checkpoints, write the quarantine list and the summary, then raise if a hard expectation failed."""
     hard, row_level = manifest_expectations(params, classes)
-    rows = run_checkpoint("manifest", manifest, hard + row_level, "path", reports_dir)
+    rows = run_checkpoint("manifest", manifest, hard + provenance_expectations(params) + row_level, "path",
+                          reports_dir)
     quarantine = quarantine_table(manifest, rows)
     classes_check = run_checkpoint("class_balance", class_summary(manifest, set(quarantine.path), classes), [
         gxe.ExpectColumnValuesToBeBetween(column="files", min_value=1),
@@ -152,6 +160,38 @@ def validate_manifest(manifest: pd.DataFrame, params: ValidateParams, classes: l
         raise ValidationFailed("data validation failed:\n  " + "\n  ".join(summary["failed_expectations"])
                                + f"\nsee {reports_dir / 'index.html'}; quarantined files are in {quarantine_out}")
     return summary
+
+
+class OutsideInputRoot(ProjectError):
+    pass
+
+
+def checked_folder(folder: str | Path, root: Path) -> Path:
+    """`folder` resolved, once it is known to be a folder under the flows' input root (params flow.inference_root)."""
+    resolved, root = Path(folder).resolve(), Path(root).resolve()
+    if not resolved.is_relative_to(root):
+        raise OutsideInputRoot(f"{folder} is outside the input root {root} (params flow.inference_root); "
+                               "copy the scans under it or change flow.inference_root")
+    if not resolved.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    return resolved
+
+
+def screen_folder(folder: Path, manifest_params: ManifestParams, params: ValidateParams, classes: list[str],
+                  reports: Path) -> tuple[list[str], pd.DataFrame]:
+    """(paths that pass, quarantine table) of a folder of new, unlabelled scans: the manifest's row-level checks run
+    through a GX checkpoint, with its Data Docs in `reports`. An unusable file is quarantined, never fatal."""
+    from components.manifest import scan_folder
+
+    manifest = scan_folder(folder, manifest_params)
+    if manifest.empty:
+        return [], pd.DataFrame(columns=["path", "label", "reason"])
+    _, row_level = manifest_expectations(params.model_copy(update={"max_quarantine_share": 1.0}), classes)
+    escapes = manifest_expectations(params, classes)[0][1]
+    check = run_checkpoint("batch", manifest, [escapes, *row_level], "path", reports)
+    quarantine = quarantine_table(manifest, check)
+    good = manifest[~manifest.path.isin(set(quarantine.path))]
+    return [str(Path(folder) / p) for p in good.path], quarantine
 
 
 def check_split_leakage(train_val: pd.DataFrame, test: pd.DataFrame, reports_dir: Path) -> CheckResult:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from prefect.client.schemas.schedules import CronSchedule
 
-from components.config import load_params
+from components.config import Params, load_params
 from flows.training import configured_flow
 
 DEPLOYMENT = "scheduled-retraining"
 
 
-def build_deployment(params_path: str = "params.yaml"):
-    params = load_params(params_path)
+def build_deployment(params_path: str = "params.yaml", params: Params | None = None):
+    params = params or load_params(params_path)
     return configured_flow(params).to_deployment(
         name=DEPLOYMENT,
         schedules=[CronSchedule(cron=params.flow.cron, timezone=params.flow.timezone)],
@@ -22,8 +22,9 @@ def build_deployment(params_path: str = "params.yaml"):
     )
 
 
-def serve(params_path: str = "params.yaml") -> None:
-    """Serve the deployment from this process until stopped (Ctrl-C); runs start on schedule or on demand."""
+def serve(params_path: str = "params.yaml", params: Params | None = None) -> None:
+    """Serve the deployment from this process until stopped (Ctrl-C); runs start on schedule or on demand (each
+    scheduled run reads params_path afresh)."""
     from prefect import serve as prefect_serve
 
-    prefect_serve(build_deployment(params_path))
+    prefect_serve(build_deployment(params_path, params))

@@ -38,7 +38,7 @@ class DependenciesChanged(ProjectError):
 class StageSpec:
     name: str  # DVC's address, e.g. `split` or `train@custom_cnn`
     cmd: str  # the command in dvc.yaml, run as it is
-    wdir: Path
+    wdir: Path  # relative to the repo root
 
     @property
     def group(self) -> str:
@@ -66,8 +66,10 @@ def pipeline_generations(root: Path | str) -> list[list[StageSpec]]:
     with _repo(root) as repo:
         graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
         pipeline = graph.subgraph([s for s in graph.nodes if s.cmd])  # `dvc add`-ed data is no stage to run
+        # wdir relative to the repo: a node that runs the stage in its own checkout finds it there too
         return [sorted((StageSpec(s.name, s.cmd if isinstance(s.cmd, str) else " && ".join(s.cmd),
-                                  Path(s.wdir)) for s in generation), key=lambda spec: spec.name)
+                                  Path(os.path.relpath(s.wdir, repo.root_dir))) for s in generation),
+                       key=lambda spec: spec.name)
                 for generation in nx.topological_generations(pipeline.reverse(copy=False))]
 
 

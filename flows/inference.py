@@ -16,40 +16,11 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from components import tracking
-from components.config import Params, ProjectError, load_params
+from components.config import Params, load_params
 from components.predict import DEFAULT_MODEL_URI, predict_paths
+from components.validate import checked_folder, screen_folder
 
-
-class OutsideInputRoot(ProjectError):
-    pass
-
-
-def checked_folder(folder: str | Path, root: Path) -> Path:
-    resolved, root = Path(folder).resolve(), Path(root).resolve()
-    if not resolved.is_relative_to(root):
-        raise OutsideInputRoot(f"{folder} is outside the input root {root} (params flow.inference_root); "
-                               "copy the scans under it or change flow.inference_root")
-    if not resolved.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
-    return resolved
-
-
-@task(cache_policy=NO_CACHE)
-def screen(folder: Path, params: Params, reports: Path) -> tuple[list[str], pd.DataFrame]:
-    """(paths that pass, quarantine table) from the manifest checks, run through a GX checkpoint."""
-    from components.manifest import scan_folder
-    from components.validate import manifest_expectations, quarantine_table, run_checkpoint
-
-    manifest = scan_folder(folder, params.manifest)
-    if manifest.empty:
-        return [], pd.DataFrame(columns=["path", "label", "reason"])
-    _, row_level = manifest_expectations(params.validate_params.model_copy(update={"max_quarantine_share": 1.0}),
-                                         params.data.classes)
-    escapes = manifest_expectations(params.validate_params, params.data.classes)[0][1]
-    check = run_checkpoint("batch_predict", manifest, [escapes, *row_level], "path", reports)
-    quarantine = quarantine_table(manifest, check)
-    good = manifest[~manifest.path.isin(set(quarantine.path))]
-    return [str(folder / p) for p in good.path], quarantine
+screen = task(screen_folder, name="screen", cache_policy=NO_CACHE)
 
 
 @task(cache_policy=NO_CACHE)
@@ -58,15 +29,19 @@ def score(paths: list[str], model_uri: str) -> pd.DataFrame:
 
 
 @flow(name="batch_predict", log_prints=True)
-def batch_predict(folder: str, model_uri: str = DEFAULT_MODEL_URI, params_path: str = "params.yaml") -> dict:
-    params = load_params(params_path)
+def batch_predict(folder: str, model_uri: str = DEFAULT_MODEL_URI, params_path: str = "params.yaml",
+                  params: Params | None = None) -> dict:
+    """Score the scans of `folder` (under flow.inference_root); `params` is params_path parsed (by the CLI), or None
+    to parse it here."""
+    params = params or load_params(params_path)
     logger = get_run_logger()
     source = checked_folder(folder, params.flow.inference_root)
     tracking.configure(params.tracking)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir = params.flow.predictions_dir / f"{source.name}-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, quarantine = screen(source, params, out_dir / "validation")
+    paths, quarantine = screen(source, params.manifest, params.validate_params, params.data.classes,
+                               out_dir / "validation")
     predictions = score(paths, model_uri)
     predictions.to_csv(out_dir / "predictions.csv", index=False)
     quarantine.to_csv(out_dir / "quarantine.csv", index=False)
@@ -79,6 +54,6 @@ def batch_predict(folder: str, model_uri: str = DEFAULT_MODEL_URI, params_path: 
     if params.monitor.after_batch_predict and not predictions.empty:
         from flows.monitoring import monitor_batch  # its report, MLflow run, event and retraining: flows/monitoring.py
 
-        monitoring = monitor_batch(str(source), model_uri, params_path)
+        monitoring = monitor_batch(str(source), model_uri, params_path, params)
     return {"scored": len(predictions), "quarantined": quarantine.to_dict(orient="records"),
             "predictions": str(out_dir / "predictions.csv"), "monitoring": monitoring}

@@ -1,6 +1,6 @@
 """`monitor_batch`: drift monitoring of a folder of incoming scans, and retraining on evidence.
 
-The batch goes through batch_predict's GX checks (flows.inference.screen), then components.monitor compares it with
+The batch goes through batch_predict's GX checks (components.validate.screen_folder), then components.monitor compares it with
 the reference profile of the training data and writes the report, one MLflow run per batch. This flow adds the
 Prefect side: a markdown artifact with the verdict, a Prefect event (params monitor.event) on drift, and the retrain
 decision.
@@ -28,8 +28,9 @@ from prefect.events import emit_event
 
 from components.config import Params, load_params
 from components.monitor import markdown, monitor_paths
-from flows.inference import checked_folder, screen
+from components.validate import checked_folder, screen_folder
 
+screen = task(screen_folder, name="screen", cache_policy=NO_CACHE)
 EVENT_FILES = 20  # OOD files named in the event's payload (the report lists all)
 
 
@@ -64,19 +65,21 @@ def trigger_evidence(summary: dict, new_data: list[str], reasons: list[str], flo
 
 
 @flow(name="monitor_batch", log_prints=True)
-def monitor_batch(folder: str, model_uri: str | None = None, params_path: str = "params.yaml") -> dict:
+def monitor_batch(folder: str, model_uri: str | None = None, params_path: str = "params.yaml",
+                  params: Params | None = None) -> dict:
     """Monitor one folder of scans (under flow.inference_root) with the workspace's models (model_uri None) or a
     registered ensemble; retrain on evidence. Returns the summary, the event id and the training run's result."""
     from flows.training import configured_flow
 
-    params = load_params(params_path)
+    params = params or load_params(params_path)
     logger = get_run_logger()
     source = checked_folder(folder, params.flow.inference_root)
     root = Path(params_path).resolve().parent
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir = params.monitor.out_dir / f"{source.name}-{stamp}"
     flow_run_id = str(get_run_context().flow_run.id)
-    paths, quarantine = screen(source, params, out_dir / "validation")
+    paths, quarantine = screen(source, params.manifest, params.validate_params, params.data.classes,
+                               out_dir / "validation")
     summary = measure(params, source, paths, quarantine, out_dir, model_uri, {"prefect_flow_run_id": flow_run_id})
     create_markdown_artifact(markdown(summary), key="batch-monitoring",
                              description=f"drift of {source} against the training data; report {summary['report']}")
@@ -97,6 +100,6 @@ def monitor_batch(folder: str, model_uri: str | None = None, params_path: str = 
         trigger = trigger_evidence(summary, new_data, reasons, flow_run_id)
         logger.info("running train_pipeline, triggered by %s", trigger["reason"])
         with tags("retrain", f"trigger:{trigger['reason']}"):
-            retrain = configured_flow(params)(params_path=params_path, trigger=trigger)
+            retrain = configured_flow(params)(params_path=params_path, trigger=trigger, params=params)
     return {"summary": summary, "event_id": str(event.id) if event is not None else None, "new_data": new_data,
             "retrain": retrain}

@@ -11,12 +11,6 @@ from PIL import ImageOps
 
 from tests.conftest import CLASSES, class_image
 
-# The tiny reference (about 20 training and 12 val images) makes every statistic of a batch noisy: its OOD threshold
-# is about the largest of 12 val distances, the drift classifier trains on a few dozen rows, and the one-epoch models'
-# class mix on 12 val images is a rough estimate. The tests widen the thresholds that noise reaches; an inverted
-# batch clears them by far (params.yaml's defaults suit real data).
-TINY_THRESHOLDS = ["monitor.max_ood_share=0.5", "monitor.embedding_drift_threshold=0.8",
-                   "monitor.style_drift_share=0.4", "monitor.class_mix_alpha=0.001"]
 
 
 def write_batch(folder: Path, count: int, seed: int, inverted: int = 0) -> tuple[list[str], list[str]]:
@@ -31,5 +25,24 @@ def write_batch(folder: Path, count: int, seed: int, inverted: int = 0) -> tuple
         image = class_image(label, rng, 32, "RGB" if (n // len(CLASSES)) % 2 else "L")
         name = f"{'inv' if n < inverted else 'scan'}-{n:03d}.jpg"
         (ImageOps.invert(image) if n < inverted else image).save(folder / name, quality=95)
+        (flipped if n < inverted else normal).append(name)
+    return normal, flipped
+
+
+def write_val_batch(folder: Path, val_paths: list[str], count: int, seed: int, inverted: int = 0
+                    ) -> tuple[list[str], list[str]]:
+    """`count` copies of val scans drawn with `seed` (with replacement when val holds fewer), the first `inverted` of
+    them contrast-inverted: a batch from the data the drift thresholds were calibrated on. Returns (normal,
+    inverted) file names."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(val_paths), count, replace=count > len(val_paths))
+    normal, flipped = [], []
+    for n, index in enumerate(chosen):
+        image = Image.open(val_paths[index])
+        name = f"{'inv' if n < inverted else 'val'}-{n:03d}.jpg"
+        (ImageOps.invert(image.convert("RGB")) if n < inverted else image).save(folder / name, quality=95)
         (flipped if n < inverted else normal).append(name)
     return normal, flipped

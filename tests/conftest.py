@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,36 @@ def params() -> Params:
     ])
 
 
+def git_dvc_repo(folder: Path, files: dict[str, str] | None = None) -> Path:
+    """A new git + DVC repo in `folder` (made if missing) holding `files` (path in the repo -> text)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (files or {}).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(command, cwd=folder, check=True)
+    return folder
+
+
+@contextmanager
+def environment(**changes: str | None):
+    """os.environ with `changes` applied (None removes a variable) inside the block, as it was after it."""
+    saved = {key: os.environ.get(key) for key in changes}
+    try:
+        for key, value in changes.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield os.environ
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def init_repo(work: Path) -> Path:
     """A git + DVC repo holding this project's dvc.yaml, params.yaml, components (the stages' code deps) and the
     audit's hand labels."""
@@ -103,8 +134,7 @@ def init_repo(work: Path) -> Path:
         shutil.copy2(ROOT / name, work / name)
     shutil.copytree(ROOT / "components", work / "components", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "docs" / "audit", work / "docs" / "audit")  # the audit stage's hand labels
-    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-    subprocess.run(["dvc", "init", "-q"], cwd=work, check=True)
+    git_dvc_repo(work)
     subprocess.run(["dvc", "config", "core.autostage", "true"], cwd=work, check=True)
     return work
 
@@ -171,24 +201,23 @@ def trained_workspace(tmp_path_factory, prefect_harness):
     root = init_repo(tmp_path_factory.mktemp("trained") / "repo")
     previous = Path.cwd()
     os.chdir(root)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("RAY_ADDRESS", None)
     try:
-        write_overrides(root / "params.yaml", tiny_overrides(TRAINED_EXTRA + ["flow.runner=ray"]))
-        import_dataset(str(write_tiny_dataset(root.parent / "tiny", {"Training": 12, "Testing": 4})),
-                       root / "data" / "raw")
-        record = {}
-        for run, overrides in (("first", None), ("second", ["flow.runner=local"])):
-            start = time.perf_counter()
-            record[run] = run_with_runner(str(root / "params.yaml"), overrides)
-            record[run]["seconds"] = time.perf_counter() - start
-            if run == "first":
-                status = subprocess.run(["dvc", "status", "--json"], capture_output=True, text=True, check=True)
-                record["dvc_status_after_first"] = json.loads(status.stdout or "{}")
-        (root / "flow_runs.json").write_text(json.dumps(record, indent=2, default=str))
-        shutil.copy2(root / "params.yaml", root / "params_trained.yaml")  # for code that takes a params path
-        # As the flow left it, before any test registers, promotes or reports in the workspace: `trained_copy`.
-        shutil.copytree(root, root.parent / "pristine", symlinks=True)
+        with environment(MLFLOW_TRACKING_URI=None, RAY_ADDRESS=None):
+            write_overrides(root / "params.yaml", tiny_overrides(TRAINED_EXTRA + ["flow.runner=ray"]))
+            import_dataset(str(write_tiny_dataset(root.parent / "tiny", {"Training": 12, "Testing": 4})),
+                           root / "data" / "raw")
+            record = {}
+            for run, overrides in (("first", None), ("second", ["flow.runner=local"])):
+                start = time.perf_counter()
+                record[run] = run_with_runner(str(root / "params.yaml"), overrides)
+                record[run]["seconds"] = time.perf_counter() - start
+                if run == "first":
+                    status = subprocess.run(["dvc", "status", "--json"], capture_output=True, text=True, check=True)
+                    record["dvc_status_after_first"] = json.loads(status.stdout or "{}")
+            (root / "flow_runs.json").write_text(json.dumps(record, indent=2, default=str))
+            shutil.copy2(root / "params.yaml", root / "params_trained.yaml")  # for code that takes a params path
+            # As the flow left it, before any test registers, promotes or reports in the workspace: `trained_copy`.
+            shutil.copytree(root, root.parent / "pristine", symlinks=True)
     finally:
         os.chdir(previous)
     return root

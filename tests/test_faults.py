@@ -8,7 +8,7 @@
 4. PostgreSQL is down: `status` and the tracking client name the server and how to start it;
 5. the artifact store is full during `register`: a clear error, and no registry version points at a partial model.
 
-Tests 1-4 share one start of the team services (tests/test_services.py's `team` fixture: PostgreSQL, MLflow with
+Tests 1-4 share one start of the team services (tests/flows/test_services.py's `team` fixture: PostgreSQL, MLflow with
 basic auth and Prefect on random ports under tmp); test 4 stops PostgreSQL, so it runs after the others. Test 5
 uses a local sqlite store. MLflow's HTTP retries are made small (MLFLOW_HTTP_REQUEST_*), so failures come fast.
 """
@@ -31,9 +31,9 @@ import mlflow
 import pytest
 import requests
 
-from components import services as svc
-from tests.conftest import ROOT, tiny_overrides
-from tests.test_services import mlflow_as, team  # noqa: F401  (`team`: the module-scoped services fixture)
+from flows import services as svc
+from tests.conftest import ROOT, git_dvc_repo, tiny_overrides
+from tests.flows.test_services import mlflow_as, team  # noqa: F401  (`team`: the module-scoped services fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -222,14 +222,8 @@ FLOW = textwrap.dedent("""
 
 
 def toy_repo(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "make.py").write_text(MAKE)
-    (folder / "dvc.yaml").write_text(DVC_YAML)
-    (folder / "in.txt").write_text("input\n")
-    (folder / ".gitignore").write_text("runs.log\nslow.pid\nrelease\nlogs/\n")
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(command, cwd=folder, check=True)
-    return folder
+    return git_dvc_repo(folder, {"make.py": MAKE, "dvc.yaml": DVC_YAML, "in.txt": "input\n",
+                                 ".gitignore": "runs.log\nslow.pid\nrelease\nlogs/\n"})
 
 
 def flow_env(team, tmp_path: Path) -> dict[str, str]:

@@ -41,7 +41,7 @@ def test_every_gpu_profile_override_exists_validates_and_changes_something():
         assert before != after, f"docs/profiles.md: -S {override} is what params.yaml already says"
     for name in PRETRAINED:  # a pretrained backbone gets a head phase, then fine-tuning of its top layers
         model = gpu.model(name)
-        if model.pretrained:
+        if gpu.pretrained(name):
             assert 0 < model.head_epochs < model.epochs and model.unfreeze_layers != 0, name
 
 

@@ -1,5 +1,6 @@
-"""The README's `mlflow` commands, run as written (after the README's set-up export) in a trained tiny workspace:
-the UI and the model server find the project's store, and nothing leaves a stray ./mlflow.db behind."""
+"""The docs' `mlflow` commands, run as written (after the README's set-up export) in a trained tiny workspace: the
+UI (docs/pipeline.md) and the model server (docs/registry-serving.md) find the project's store, and nothing leaves a
+stray ./mlflow.db behind."""
 
 import json
 import os
@@ -18,13 +19,10 @@ import pytest
 
 from tests.conftest import ROOT
 
-README = (ROOT / "README.md").read_text()
-
-
-def readme_line(pattern: str) -> str:
-    """The README line matching `pattern` (anchored at its start), joined with its `\\` continuation lines."""
-    match = re.search(rf"^{pattern}.*?(?<!\\)$", README, flags=re.MULTILINE | re.DOTALL)
-    assert match, f"README.md has no line starting with {pattern!r}"
+def readme_line(pattern: str, page: str = "README.md") -> str:
+    """The line of `page` matching `pattern` (anchored at its start), joined with its `\\` continuation lines."""
+    match = re.search(rf"^{pattern}.*?(?<!\\)$", (ROOT / page).read_text(), flags=re.MULTILINE | re.DOTALL)
+    assert match, f"{page} has no line starting with {pattern!r}"
     return match.group(0)
 
 
@@ -74,7 +72,7 @@ def champion_workspace(trained_copy):
 
 
 def test_mlflow_ui_as_written_reads_the_project_store(champion_workspace):
-    command = readme_line("mlflow ui ")
+    command = readme_line("mlflow ui ", "docs/pipeline.md")
     with background(command, champion_workspace) as server:
         body = wait_for("http://127.0.0.1:5000/ajax-api/2.0/mlflow/registered-models/get"
                         "?name=brain-tumor-ensemble", 240, server)
@@ -83,7 +81,8 @@ def test_mlflow_ui_as_written_reads_the_project_store(champion_workspace):
 
 
 def test_mlflow_models_serve_and_curl_as_written_score_a_scan(champion_workspace):
-    serve, curl = readme_line("mlflow models serve "), readme_line("curl ")
+    serve = readme_line("mlflow models serve ", "docs/registry-serving.md")
+    curl = readme_line("curl ", "docs/registry-serving.md")
     with background(serve, champion_workspace) as server:
         wait_for("http://127.0.0.1:5001/ping", 420, server)
         done = subprocess.run(["bash", "-c", f"{SET_UP}\n{curl}"], cwd=champion_workspace, capture_output=True,

@@ -1,7 +1,7 @@
 """The whole pipeline against the team services, as a team member runs it: data -> train -> register -> promote
 -> serve, with nothing but the environment `braintumor services up` tells them to export.
 
-One module-scoped start of the real servers (tests/test_services.py's `team` fixture: PostgreSQL, MLflow with basic
+One module-scoped start of the real servers (tests/flows/test_services.py's `team` fixture: PostgreSQL, MLflow with basic
 auth and Prefect with an auth string, on random ports under tmp). In a throwaway git + DVC repo with tiny generated
 data (32 px, one epoch per model, eager): `braintumor data import`, then `braintumor -S ... flow train --promote`
 reporting to the team Prefect server and logging to the team MLflow server. Then the registry on the server must
@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from components import services as svc
+from flows import services as svc
 from tests.conftest import CLASSES, TRAINED_EXTRA, init_repo, tiny_overrides, write_tiny_dataset
-from tests.test_services import mlflow_as, team  # noqa: F401  (`team`: the module-scoped services fixture)
+from tests.flows.test_services import mlflow_as, team  # noqa: F401  (`team`: the module-scoped services fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -84,7 +84,7 @@ def test_cells_count_every_test_scan_once_and_the_gap_is_in_points(params):
     frame = pd.DataFrame({"path": paths, "label": labels, **{f"prob_{c}": probabilities[:, i]
                                                             for i, c in enumerate(classes)}})
     styles = pd.DataFrame({"path": paths, "weighting": weighting})
-    cells = per_cell({"model": frame}, styles, classes, params.audit)["model"]
+    cells = per_cell({"model": frame}, styles, classes, params.evaluate)["model"]
 
     assert cells["all"]["accuracy"]["n"] == 8
     assert cells["tumor"]["tumor_sensitivity"]["k"] == 3 and cells["tumor"]["tumor_sensitivity"]["n"] == 5

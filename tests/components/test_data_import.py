@@ -1,14 +1,15 @@
 import json
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-import components.cli as cli
+import flows.cli as cli
 from components.config import Params, load_params
-from components.data_append import append_dataset
+from components.data_append import Labels, append_dataset
 from components.data_import import ImportFailed, data_hash, import_dataset
 from components.manifest import write_manifest
 from flows.dvc_stages import commit_unchanged, dependency_fingerprints, pipeline_generations, stale_stages
@@ -202,3 +203,88 @@ def test_the_same_scan_under_two_classes_is_refused(imported, project, tmp_path)
     assert f"{new / 'meningioma' / 'scan.jpg'}: labelled meningioma" in message
     assert "data/raw/Training/notumor/Tr-no_0000.jpg (notumor)" in message
     assert data_hash(project / "data" / "raw.dvc") == old_hash
+
+
+# --- appending from a labels file (another collection, by weighting) ----------------------------------------------
+
+def labelled_collection(folder, rows: list[tuple[str, str, str | None, str | None]], seed: int = 100):
+    """A collection laid out by pathology and weighting, with labels.csv (file, label, weighting, pathology, group):
+    one smooth scan per row (file, label, weighting, group)."""
+    import pandas as pd
+
+    for n, (file, *_rest) in enumerate(rows):
+        (folder / file).parent.mkdir(parents=True, exist_ok=True)
+        smooth_scan(seed + n).save(folder / file, quality=95)
+    pd.DataFrame([{"file": f, "label": label, "weighting": w or "", "pathology": "x", "group": g or ""}
+                  for f, label, w, g in rows]).to_csv(folder / "labels.csv", index=False)
+    return folder
+
+
+COLLECTION = [("Glioma T2/a.jpg", "glioma", "T2", "1"), ("Glioma T2/b.jpg", "glioma", "T2", "1"),
+              ("Glioma T2/c.jpg", "glioma", "T2", "1"), ("Meningioma T1C+/d.jpg", "meningioma", "T1C+", "2"),
+              ("Normal T1/e.jpg", "notumor", "T1", "3"), ("Normal T1/f.jpg", "notumor", "T1", "3"),
+              ("Schwannoma T2/g.jpg", "other_tumor", "T2", "4")]
+
+
+def test_append_from_a_labels_file_records_provenance_keeps_groups_whole_and_never_trains_other_tumor(
+        imported, project, tmp_path):
+    import pandas as pd
+
+    from components.split import make_splits
+
+    source = labelled_collection(tmp_path / "feltrin", COLLECTION)
+
+    with pytest.raises(ImportFailed) as refused:  # without --classes, other_tumor is refused, all or nothing
+        append_dataset(source, imported, Labels(Path("labels.csv"), None))
+    assert "Schwannoma T2/g.jpg: labelled 'other_tumor', not a class of params data.classes" in str(refused.value)
+    assert "--classes glioma,meningioma,notumor,pituitary" in str(refused.value)
+    assert not (project / "data" / "raw" / "provenance.csv").exists()
+    with pytest.raises(ImportFailed, match="other_tumor is not a class of params data.classes"):
+        append_dataset(source, imported, Labels(Path("labels.csv"), ("glioma", "other_tumor")))
+
+    result = append_dataset(source, imported, Labels(Path("labels.csv"), ("glioma", "meningioma", "notumor")),
+                            "feltrin")
+
+    assert result["added"] == {"glioma": 3, "meningioma": 1, "notumor": 2, "pituitary": 0}
+    assert result["left_out_by_classes"] == {"other_tumor": 1}
+    manifest = write_manifest(imported.paths.raw, imported.paths.manifest, imported.manifest)
+    appended = manifest[manifest.source == "feltrin"]
+    assert len(appended) == 6 and set(manifest.source) == {"kaggle", "feltrin"}
+    assert manifest[manifest.source == "kaggle"].weighting.isna().all(), "Kaggle states no weighting"
+    assert appended.groupby("label").weighting.agg(set).to_dict() == {
+        "glioma": {"T2"}, "meningioma": {"T1C+"}, "notumor": {"T1"}}, "each scan keeps the weighting it states"
+    assert set(appended.source_group) == {"feltrin:1", "feltrin:2", "feltrin:3"}
+    assert not manifest.path.str.contains("g.jpg").any()
+
+    # The split stage keeps each stated group whole, though its scans are far apart in dhash.
+    quarantine = pd.DataFrame(columns=["path", "label", "reason"])
+    params = imported.split.model_copy(update={"val_fraction": 0.3, "stack_fraction": 0.2, "gate_fraction": 0.2})
+    splits, report, _ = make_splits(manifest, quarantine, imported.paths.raw, params, seed=3)
+    assert report["counts_by_source"]["test"] == {"kaggle": len(splits["test"])}, "Testing stays Kaggle's only"
+    where = {row.path: name for name, frame in splits.items() for row in frame.itertuples()}
+    groups = manifest.dropna(subset=["source_group"]).assign(
+        split=lambda m: [where[(imported.paths.raw / p).as_posix()] for p in m.path])
+    assert (groups.groupby("source_group").split.nunique() == 1).all(), groups[["source_group", "split"]]
+
+
+def test_a_labels_file_row_that_twins_a_test_image_is_refused(imported, project, tmp_path):
+    import pandas as pd
+
+    source = tmp_path / "collection"
+    twin = project / "data" / "raw" / "Testing" / "glioma" / "Te-gl_smooth.jpg"
+    (source / "Glioma T1").mkdir(parents=True)
+    ImageEnhance.Brightness(Image.open(twin)).enhance(1.1).save(source / "Glioma T1" / "x.jpg", quality=85)
+    pd.DataFrame([{"file": "Glioma T1/x.jpg", "label": "glioma", "weighting": "T1"}]).to_csv(
+        source / "labels.csv", index=False)
+    with pytest.raises(ImportFailed, match=r"Glioma T1/x.jpg: near duplicate of test image .*Te-gl_smooth.jpg"):
+        append_dataset(source, imported, Labels(Path("labels.csv"), None))
+
+
+def test_the_cli_reads_labels_and_classes_only_with_append(imported, project, tmp_path, capsys):
+    source = labelled_collection(tmp_path / "feltrin", COLLECTION[:2])
+    assert cli.main(["data", "import", "--source", str(source), "--labels", "labels.csv"]) == 1
+    assert "--labels, --classes and --source-name go with --append" in capsys.readouterr().err
+    assert cli.main(["data", "import", "--source", str(source), "--append", "--labels", "labels.csv",
+                     "--classes", "glioma"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["source_name"] == "feltrin" and out["added"]["glioma"] == 2

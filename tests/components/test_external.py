@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance
 
-import components.cli as cli
+import flows.cli as cli
 from components.config import ProjectError, load_params
 from components.external import detect_layout, run_external
 from components.predict import IMAGE_COLUMN, BadInput, Limits
@@ -157,8 +157,8 @@ def test_binary_yes_no_metrics_match_hand_computed_values(kaggle):
 
     report = json.loads((params.external.out_dir / "ext.json").read_text())
     assert result["json"] == str(params.external.out_dir / "ext.json") and report["layout"] == "yes/no"
-    assert report["counts"] == {"found": 11, "dropped_exact": 0, "dropped_near": 0, "unreadable": 2, "scored": 9,
-                                "scored_tumor": 6, "scored_healthy": 3}
+    assert report["counts"] == {"found": 11, "dropped": 0, "unreadable": 2, "scored": 9, "scored_tumor": 6,
+                                "scored_healthy": 3, "scored_by_weighting": {}, "scored_held_out": {}}
     assert {u["file"]: u["error"] for u in report["unreadable"]} == {
         "yes/refused.jpg": "refused by the stub", "no/notes.jpg": "not an image (PIL cannot identify the format)"}
     assert sorted(stub.seen) == sorted(table)  # every other scan was scored, once
@@ -278,18 +278,20 @@ def test_exact_and_near_copies_of_any_kaggle_image_are_dropped_and_named(kaggle)
     result = run_external(params, source, scorer=stub)
 
     assert stub.seen == [distinct]  # the model never saw a copy
-    assert result["counts"] == {
-        "found": 3, "dropped_exact": 1, "dropped_near": 1, "unreadable": 0, "scored": 1, "scored_tumor": 0,
-        "scored_healthy": 1}
+    assert {k: result["counts"][k] for k in ("found", "dropped", "unreadable", "scored", "scored_tumor",
+                                             "scored_healthy")} == {
+        "found": 3, "dropped": 2, "unreadable": 0, "scored": 1, "scored_tumor": 0, "scored_healthy": 1}
     report = json.loads((params.external.out_dir / "with-copies.json").read_text())
     dropped = {d["file"]: d for d in report["dropped"]}
-    assert dropped["yes/copy.jpg"] == {"file": "yes/copy.jpg", "reason": "exact duplicate", "distance": 0,
-                                       "kaggle_image": f"{params.paths.raw.as_posix()}/{exact_of}"}
-    assert dropped["yes/brighter.jpg"] == {"file": "yes/brighter.jpg", "reason": "near duplicate",
+    assert dropped["yes/copy.jpg"] == {"file": "yes/copy.jpg", "reason": "exact duplicate of a kaggle image",
+                                       "distance": 0,
+                                       "workspace_image": f"{params.paths.raw.as_posix()}/{exact_of}"}
+    assert dropped["yes/brighter.jpg"] == {"file": "yes/brighter.jpg", "reason": "near duplicate of a kaggle image",
                                            "distance": distance,
-                                           "kaggle_image": f"{params.paths.raw.as_posix()}/{near_of}"}
+                                           "workspace_image": f"{params.paths.raw.as_posix()}/{near_of}"}
     markdown = (params.external.out_dir / "with-copies.md").read_text()
-    assert "`yes/copy.jpg` | exact duplicate" in markdown and "`yes/brighter.jpg` | near duplicate" in markdown
+    assert "`yes/copy.jpg` | exact duplicate of a kaggle image" in markdown
+    assert "`yes/brighter.jpg` | near duplicate of a kaggle image" in markdown
     assert report["metrics"]["stack"]["tumor_sensitivity"]["note"] == "n/a (no tumor scans)"
     assert_proportion(report["metrics"]["stack"]["tumor_specificity"], 1, 1)
 
@@ -334,7 +336,7 @@ def test_the_real_ensemble_of_the_trained_workspace_scores_as_its_parts_and_the_
     local = run_external(params, source.parent, name="local")
     registered = run_external(params, source.parent, "models:/brain-tumor-ensemble@challenger", name="registered")
 
-    assert local["counts"]["dropped_exact"] == 1 and local["counts"]["scored"] == 8
+    assert local["counts"]["dropped"] == 1 and local["counts"]["scored"] == 8
     reports = {name: json.loads((params.external.out_dir / f"{name}.json").read_text())
                for name in ("local", "registered")}
     assert reports["local"]["model"].startswith("workspace models")
@@ -357,3 +359,94 @@ def test_the_real_ensemble_of_the_trained_workspace_scores_as_its_parts_and_the_
         pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(p.read_bytes()).decode() for p in paths]}))
     np.testing.assert_allclose([s["tumor_score"]["stack"] for s in scans], 1 - served["prob_notumor"], atol=1e-5)
     assert reports["local"]["metrics"]["stack"]["accuracy"]["n"] == 8
+
+
+def test_a_labels_file_is_scored_by_weighting_and_only_on_scans_no_model_trained_on(kaggle):
+    """labels.csv layout: other_tumor is a tumor outside class accuracy; every stated weighting gets its own cell;
+    a duplicate of an appended scan in `train` is dropped with its whole group, a duplicate of one the split held
+    out (val) is scored and marked, a duplicate of a Kaggle image is dropped."""
+    from components.manifest import write_manifest
+
+    params, images = kaggle
+    raw = params.paths.raw
+    appended = {"Training/glioma/Ad-gl_train.jpg": drawn_scan(501), "Training/notumor/Ad-no_val.jpg": drawn_scan(502)}
+    for relative, image in appended.items():
+        save(image, raw / relative)
+    pd.DataFrame([{"path": p, "source": "feltrin", "weighting": "T2", "source_group": "feltrin:1", "original": p}
+                  for p in appended]).to_csv(raw / "provenance.csv", index=False)
+    write_manifest(raw, params.paths.manifest, params.manifest)
+    params.paths.splits.mkdir(parents=True, exist_ok=True)
+    for split, relative in (("train", "Training/glioma/Ad-gl_train.jpg"), ("val", "Training/notumor/Ad-no_val.jpg")):
+        pd.DataFrame({"path": [(raw / relative).as_posix()], "label": [relative.split("/")[1]]}).to_csv(
+            params.paths.splits / f"{split}.csv", index=False)
+
+    source = raw.parent.parent / "feltrin-like"
+    rows = [  # file, label, weighting, group, image, P(notumor) of the stack
+        ("Glioma T2/a.jpg", "glioma", "T2", "1", appended["Training/glioma/Ad-gl_train.jpg"], 0.1),
+        ("Glioma T2/b.jpg", "glioma", "T2", "1", drawn_scan(601), 0.1),
+        ("Normal T1/c.jpg", "notumor", "T1", "2", appended["Training/notumor/Ad-no_val.jpg"], 0.8),
+        ("Meningioma T1/d.jpg", "meningioma", "T1", "3", drawn_scan(602), 0.3),
+        ("Schwannoma T2/e.jpg", "other_tumor", "T2", "4", drawn_scan(603), 0.2),
+        ("Normal T2/f.jpg", "notumor", "T2", "5", drawn_scan(604), 0.7),
+        ("Glioma T1/g.jpg", "glioma", "T1", "6", images["Testing/glioma/Te-gl_0.jpg"], 0.1),
+        ("Meningioma T1C+/h.jpg", "meningioma", "T1C+", "7", drawn_scan(605), 0.2),
+    ]
+    table = {}
+    for file, label, _, _, image, p_notumor in rows:
+        key = save(image, source / file)
+        table[key] = dict.fromkeys(MODELS, probabilities(p_notumor, "meningioma" if label == "meningioma" else
+                                                         "glioma"))
+    pd.DataFrame([{"file": f, "label": lab, "weighting": w, "group": g} for f, lab, w, g, *_ in rows]).to_csv(
+        source / "labels.csv", index=False)
+
+    result = run_external(params, source, scorer=StubScorer(table))
+
+    report = json.loads((params.external.out_dir / "feltrin-like.json").read_text())
+    assert report["layout"] == "labels"
+    dropped = {d["file"]: d["reason"] for d in report["dropped"]}
+    assert dropped == {"Glioma T2/a.jpg": "exact duplicate of a trained-on image (train split)",
+                       "Glioma T2/b.jpg": "its group 1 trained",
+                       "Glioma T1/g.jpg": "exact duplicate of a kaggle image"}
+    held = {s["file"]: s["held_out_as"] for s in report["scans"]}
+    assert held == {"Normal T1/c.jpg": "val", "Meningioma T1/d.jpg": None, "Schwannoma T2/e.jpg": None,
+                    "Normal T2/f.jpg": None, "Meningioma T1C+/h.jpg": None}
+    assert report["counts"]["scored_by_weighting"] == {"T1": 2, "T1C+": 1, "T2": 2}
+    assert report["counts"]["scored_other_tumor"] == 1
+    t1, t2 = report["by_weighting"]["T1"]["stack"], report["by_weighting"]["T2"]["stack"]
+    assert_proportion(t1["tumor_sensitivity"], 1, 1)  # d: 1 - 0.3 >= 0.5
+    assert_proportion(t1["tumor_specificity"], 1, 1)  # c: 1 - 0.8 < 0.5
+    assert_proportion(t2["tumor_sensitivity"], 1, 1)  # e, an other_tumor, counts as a tumor
+    assert_proportion(t2["tumor_specificity"], 1, 1)  # f
+    assert_proportion(t2["accuracy"], 1, 1), "other_tumor is left out of class accuracy: only f counts"
+    assert_proportion(report["metrics"]["stack"]["accuracy"], 4, 4)
+    # MLflow takes no `+` in a metric's name: the T1C+ cell is logged as T1Cplus
+    assert mlflow.get_run(result["run_id"]).data.metrics["T1Cplus.stack.tumor_sensitivity"] == 1.0
+    markdown = (params.external.out_dir / "feltrin-like.md").read_text()
+    assert "## T1 scans (2)" in markdown and "## T2 scans (2)" in markdown and "its group 1 trained" in markdown
+
+
+def test_scoring_goes_through_one_client_path(kaggle, monkeypatch):
+    """evaluate-external, `braintumor predict` (predict_paths) and the drift monitor send files to the model through
+    components.predict.score_files alone."""
+    import components.predict as predict
+
+    params, _ = kaggle
+    calls = []
+    real = predict.score_files
+    monkeypatch.setattr(predict, "score_files", lambda scorer, paths: calls.append(len(paths)) or real(scorer, paths))
+    source = params.paths.raw.parent.parent / "one-path"
+    key = save(drawn_scan(777), source / "yes" / "a.jpg")
+    stub = StubScorer({key: dict.fromkeys(MODELS, probabilities(0.2))})
+    import components.external as external
+
+    monkeypatch.setattr(external, "score_files", predict.score_files)  # what `from ... import` bound at import
+    run_external(params, source, scorer=stub)
+
+    class Loaded:
+        def unwrap_python_model(self):
+            return stub
+
+    monkeypatch.setattr(predict, "load_pyfunc", lambda uri: Loaded())
+    frame = predict.predict_paths([str(source / "yes" / "a.jpg")], "models:/x/1")
+    assert calls == [1, 1] and frame.predicted_class.tolist() == ["glioma"]
+    assert frame.prob_notumor.tolist() == pytest.approx([0.2])

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from components.config import NO_BACKBONE
 from components.metrics import brier_score, expected_calibration_error, full_metrics, reliability
 
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
@@ -37,7 +38,7 @@ def test_full_metrics_brier_matches_the_definition_on_random_probabilities():
     probabilities = rng.dirichlet(np.ones(4), size=50)
     labels = rng.integers(0, 4, size=50)
     expected = np.mean(np.sum((probabilities - np.eye(4)[labels]) ** 2, axis=1))
-    assert full_metrics(labels, probabilities, CLASSES, bins=10)["brier"] == pytest.approx(expected)
+    assert full_metrics(labels, probabilities, CLASSES, bins=10, tumor_threshold=0.5)["brier"] == pytest.approx(expected)
 
 
 def test_brier_counts_a_class_absent_from_the_labels():
@@ -65,13 +66,13 @@ def test_ece_with_ten_bins_equals_the_hand_computed_value():
 
 
 def test_full_metrics_ece_follows_the_bins_argument():
-    few = full_metrics(ECE_LABELS, ECE_PROBABILITIES, ["a", "b"], bins=1)["ece"]
-    many = full_metrics(ECE_LABELS, ECE_PROBABILITIES, ["a", "b"], bins=10)["ece"]
+    few = full_metrics(ECE_LABELS, ECE_PROBABILITIES, ["a", "b"], bins=1, tumor_threshold=0.5)["ece"]
+    many = full_metrics(ECE_LABELS, ECE_PROBABILITIES, ["a", "b"], bins=10, tumor_threshold=0.5)["ece"]
     assert few == pytest.approx(0.025) and many == pytest.approx(0.325)
 
 
 def test_two_class_roc_auc_is_one_vs_rest_too():
-    metrics = full_metrics(ECE_LABELS, ECE_PROBABILITIES, ["a", "b"], bins=1)
+    metrics = full_metrics(ECE_LABELS, ECE_PROBABILITIES, ["a", "b"], bins=1, tumor_threshold=0.5)
     # class b: positives score 0.15, 0.75, 0.65; the negative 0.15: (1 tie / 2 + 2 wins) / 3 pairs
     assert metrics["roc_auc_b"] == pytest.approx(2.5 / 3) and metrics["roc_auc_a"] == pytest.approx(2.5 / 3)
 
@@ -102,7 +103,7 @@ def test_reliability_counts_every_image_once():
 # --- per-class metrics on a hand-checkable case --------------------------------------------------------------
 
 def test_per_class_roc_auc_one_vs_rest():
-    metrics = full_metrics(LABELS, PROBABILITIES, CLASSES, bins=10)
+    metrics = full_metrics(LABELS, PROBABILITIES, CLASSES, bins=10, tumor_threshold=0.5)
     # glioma: positives score 0.775 and 0.075, the 4 negatives 0.075: (4 wins + 4 ties / 2) / 8 pairs
     assert metrics["roc_auc_glioma"] == pytest.approx(6 / 8)
     # meningioma: the positive scores 0.775; negatives 0.775 once and 0.075 four times: (4 + 1/2) / 5
@@ -113,13 +114,13 @@ def test_per_class_roc_auc_one_vs_rest():
 
 def test_roc_auc_is_nan_for_a_class_absent_from_the_labels():
     labels = np.array([0, 0, 1, 2, 2, 2])  # no pituitary
-    metrics = full_metrics(labels, PROBABILITIES, CLASSES, bins=10)
+    metrics = full_metrics(labels, PROBABILITIES, CLASSES, bins=10, tumor_threshold=0.5)
     assert np.isnan(metrics["roc_auc_pituitary"])
     assert metrics["roc_auc_glioma"] == pytest.approx(6 / 8)
 
 
 def test_specificity_precision_sensitivity_per_class():
-    metrics = full_metrics(LABELS, PROBABILITIES, CLASSES, bins=10)
+    metrics = full_metrics(LABELS, PROBABILITIES, CLASSES, bins=10, tumor_threshold=0.5)
     # meningioma: 5 non-meningioma images, one (row 1, a glioma) called meningioma
     assert metrics["specificity_meningioma"] == pytest.approx(4 / 5)
     # notumor: 5 non-notumor images, one (row 5, a pituitary) called notumor
@@ -137,7 +138,7 @@ def test_specificity_precision_sensitivity_per_class():
 def test_a_class_never_seen_nor_predicted_scores_zero_not_an_error():
     labels = np.array([0, 1, 2])
     probabilities = np.eye(4)[[0, 1, 2]] * 0.7 + 0.075
-    metrics = full_metrics(labels, probabilities, CLASSES, bins=5)
+    metrics = full_metrics(labels, probabilities, CLASSES, bins=5, tumor_threshold=0.5)
     assert metrics["sensitivity_pituitary"] == 0.0 and metrics["precision_pituitary"] == 0.0
     assert metrics["specificity_pituitary"] == pytest.approx(1.0)
     assert metrics["accuracy"] == pytest.approx(1.0)
@@ -151,7 +152,12 @@ def test_evaluation_plots_and_metrics_from_prediction_frames(tmp_path):
 
     frame = pd.DataFrame({"label": np.array(CLASSES)[LABELS], "clean": [True, True, True, False, True, True],
                           **{f"prob_{c}": PROBABILITIES[:, i] for i, c in enumerate(CLASSES)}})
-    results = evaluate_frames({"m": frame}, CLASSES, bins=1)
+    from components.config import EvaluateParams
+
+    settings = EvaluateParams.model_construct(gradcam_examples=0, calibration_bins=1, tumor_threshold=0.5,
+                                              interval_below=100,
+                                              confidence=0.95)  # one ECE bin: a value ECE is easy to check by hand
+    results = evaluate_frames({"m": frame}, CLASSES, settings)
     assert results["m"]["test"]["accuracy"] == pytest.approx(4 / 6)
     assert results["m"]["test_clean"]["accuracy"] == pytest.approx(3 / 5)  # row 3 (a notumor, right) dropped
     # one bin: accuracy 4/6, mean confidence 0.775
@@ -242,7 +248,7 @@ def test_written_page_states_the_device_and_weights_that_ran(params, tmp_path, m
                                                "report.figures=docs/results"])
     text = report.write_report(local, commit="def5678").read_text()
     header = text.split("## Profile", 1)[0]
-    backbones = [name for name in params.stack.models if name not in report.NO_BACKBONE]
+    backbones = [name for name in params.stack.models if name not in NO_BACKBONE]
     start = "pretrained" if len(backbones) == len(params.stack.models) else "partly pretrained"
     assert header.startswith(f"# Results: GPU, {start}")
     assert "every training on GPU (NVIDIA A100-SXM4-40GB), mixed precision" in header
@@ -250,3 +256,44 @@ def test_written_page_states_the_device_and_weights_that_ran(params, tmp_path, m
     assert f"pretrained (`weights: imagenet`): {', '.join(backbones)}" in header
     profile = text.split("## Profile", 1)[1].split("## Comparison", 1)[0]
     assert "| mobilenetv2 |" in profile and profile.count("| imagenet |") == len(params.stack.models)
+
+
+# --- one tumor call -------------------------------------------------------------------------------------------
+
+def test_every_report_makes_the_same_tumor_call():
+    """Evaluate (full_metrics), the audit's style cells and evaluate-external call a scan tumor by the same rule:
+    1 - P(notumor) >= evaluate.tumor_threshold. The rows below are chosen so that argmax and that rule disagree."""
+    from components.audit import cell_metrics
+    from components.config import load_params
+    from components.external import group_figures
+    from tests.conftest import ROOT
+
+    settings = load_params(ROOT / "params.yaml").evaluate
+    probabilities = np.array([
+        [0.30, 0.25, 0.45, 0.00],  # glioma: argmax says notumor, 1 - P(notumor) = 0.55 says tumor
+        [0.40, 0.00, 0.20, 0.40],  # pituitary: both say tumor
+        [0.10, 0.05, 0.80, 0.05],  # glioma: both say healthy
+        [0.35, 0.20, 0.45, 0.00],  # notumor: argmax says healthy, the rule says tumor
+        [0.05, 0.05, 0.85, 0.05],  # notumor: healthy either way
+    ])
+    labels = np.array([0, 3, 0, 2, 2])
+    names = np.array(CLASSES)[labels]
+    evaluate = full_metrics(labels, probabilities, CLASSES, bins=10, tumor_threshold=settings.tumor_threshold)
+    frame = pd.DataFrame(probabilities, columns=[f"prob_{c}" for c in CLASSES]).assign(label=names)
+    audit = cell_metrics(frame, CLASSES, settings)
+    external = group_figures(names, probabilities, CLASSES, True, settings)
+    assert evaluate["tumor_sensitivity"] == audit["tumor_sensitivity"]["value"] == \
+        external["tumor_sensitivity"]["value"] == pytest.approx(2 / 3)
+    assert evaluate["tumor_specificity"] == audit["tumor_specificity"]["value"] == \
+        external["tumor_specificity"]["value"] == pytest.approx(1 / 2)
+
+
+def test_other_tumor_counts_as_a_tumor_and_stays_out_of_class_accuracy():
+    from components.metrics import labelled_figures
+
+    probabilities = np.array([[0.1, 0.1, 0.2, 0.6], [0.1, 0.1, 0.7, 0.1], [0.7, 0.1, 0.1, 0.1]])
+    figures = labelled_figures(np.array(["other_tumor", "other_tumor", "glioma"], dtype=object), probabilities,
+                               CLASSES, 0.5, 100, 0.95)
+    assert (figures["tumor_sensitivity"]["k"], figures["tumor_sensitivity"]["n"]) == (2, 3)
+    assert (figures["accuracy"]["k"], figures["accuracy"]["n"]) == (1, 1)
+    assert "tumor_specificity" not in figures

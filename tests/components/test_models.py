@@ -71,7 +71,7 @@ def test_from_scratch_trains_every_layer_and_fine_tuning_only_the_top(params):
     from components.train import _phases
 
     scratch = params.model("mobilenetv2")
-    assert [phase for phase, *_ in _phases(scratch)] == ["full"]
+    assert [phase for phase, *_ in _phases("mobilenetv2", scratch)] == ["full"]
     model = build_model("mobilenetv2", scratch, params.train, 4)
     set_trainable(model, "full", scratch.unfreeze_layers)
     backbone = backbone_of(model)
@@ -79,10 +79,24 @@ def test_from_scratch_trains_every_layer_and_fine_tuning_only_the_top(params):
     assert len(model.trainable_weights) > 100
 
     pretrained = scratch.model_copy(update={"weights": "imagenet", "head_epochs": 2, "epochs": 5})
-    assert [phase for phase, *_ in _phases(pretrained)] == ["head", "fine_tune"]
+    assert [phase for phase, *_ in _phases("mobilenetv2", pretrained)] == ["head", "fine_tune"]
     set_trainable(model, "head", 10)
     assert not backbone.trainable
     set_trainable(model, "fine_tune", 10)
     trainable = [layer for layer in backbone.layers if layer.trainable]
     assert 0 < len(trainable) <= 10
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in trainable)
+
+
+def test_pretrained_has_one_definition_and_custom_cnn_refuses_weights():
+    from components.config import ParamsError
+    from components.train import _phases
+
+    with pytest.raises(ParamsError, match="models.custom_cnn.weights = 'imagenet'.*set models.custom_cnn.weights: none"):
+        load_params(ROOT / "params.yaml", ["models.custom_cnn.weights=imagenet"])
+    params = load_params(ROOT / "params.yaml", ["models.resnet50.weights=imagenet"])
+    assert params.pretrained("resnet50") and not params.pretrained("custom_cnn")
+    # custom_cnn given imagenet weights by hand (past the params check) still trains in one phase with every layer
+    custom = params.model("custom_cnn").model_copy(update={"weights": "imagenet", "head_epochs": 2})
+    assert [phase for phase, *_ in _phases("custom_cnn", custom)] == ["full"]
+    assert [phase for phase, *_ in _phases("resnet50", params.model("resnet50"))][0] == "head"

@@ -1,6 +1,7 @@
 """The reference profile (components.reference, the `reference` stage the session's trained workspace ran) and the
-drift monitor (components.monitor) on the tiny trained workspace: a batch drawn like the training data passes, a
-contrast-inverted (T2-like) one drifts and its out-of-distribution files are named."""
+drift monitor (components.monitor) on the tiny trained workspace, at the committed thresholds: each is calibrated by
+the reference stage on batches drawn from the workspace's own val split, as on real data. Batches drawn from val
+pass at two sizes, a contrast-inverted (T2-like) one drifts and its out-of-distribution files are named."""
 
 import json
 import os
@@ -11,10 +12,11 @@ import pandas as pd
 import pytest
 
 from components import tracking
+from components.drift import common_quantile_thresholds, false_alarm_rate, thresholds_at
 from components.monitor import class_mix_shift, load_model, monitor_paths
 from components.reference import embedding_extractor, load_reference
 from components.style import STYLE_FEATURES
-from tests.batches import TINY_THRESHOLDS, write_batch
+from tests.batches import write_batch, write_val_batch
 from tests.conftest import TRAINED_EXTRA, tiny_params
 
 NO_QUARANTINE = pd.DataFrame(columns=["path", "label", "reason"])
@@ -22,18 +24,22 @@ NO_QUARANTINE = pd.DataFrame(columns=["path", "label", "reason"])
 
 @pytest.fixture(scope="module")
 def monitored(trained_workspace):
-    """The workspace's ensemble loaded once, and the monitor's summaries of three batches under data/incoming:
-    `like` (24 scans drawn like the training data), `shifted` (24, of which 20 contrast-inverted) and `few` (3)."""
+    """The workspace's ensemble loaded once, and the monitor's summaries of batches under data/incoming: `val-20` and
+    `like` (20 and 24 scans drawn from val), `shifted` (24 val scans, 20 of them contrast-inverted), `new` (24 new
+    scans generated like the training data) and `few` (3)."""
     previous = os.getcwd()
     os.chdir(trained_workspace)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
-        params = tiny_params(trained_workspace, TRAINED_EXTRA + TINY_THRESHOLDS)
+        params = tiny_params(trained_workspace, TRAINED_EXTRA)
         loaded = load_model(params, None)
+        val = pd.read_csv(params.paths.splits / "val.csv").path.tolist()
         out = {"params": params}
-        for name, count, inverted, seed in (("like", 24, 0, 101), ("shifted", 24, 20, 202), ("few", 3, 0, 303)):
+        for name, count, inverted, seed in (("val-20", 20, 0, 11), ("like", 24, 0, 101), ("shifted", 24, 20, 202),
+                                            ("new", 24, 0, 505), ("few", 3, 0, 303)):
             folder = trained_workspace / "data" / "incoming" / f"monitor-{name}"
-            normal, flipped = write_batch(folder, count, seed, inverted)
+            normal, flipped = (write_batch(folder, count, seed, inverted) if name == "new"
+                               else write_val_batch(folder, val, count, seed, inverted))
             paths = sorted(str(folder / f) for f in normal + flipped)
             summary = monitor_paths(params, folder, paths, NO_QUARANTINE,
                                     trained_workspace / "reports" / "monitoring" / name, loaded=loaded)
@@ -79,13 +85,18 @@ def test_the_reference_records_the_val_class_mix_and_an_ood_threshold_from_val_d
     assert distances.distance.median() <= reference.threshold <= distances.distance.max()
 
 
-def test_a_batch_drawn_like_the_training_data_does_not_trigger(monitored):
-    summary = monitored["like"]["summary"]
-    assert summary["verdict"], "24 scans are enough for a verdict"
+@pytest.mark.parametrize("batch", ["val-20", "like", "new"])
+def test_batches_drawn_like_the_training_data_do_not_trigger_at_the_committed_thresholds(monitored, batch):
+    summary = monitored[batch]["summary"]
+    assert summary["verdict"], "20 scans are enough for a verdict"
     assert not summary["drift"] and summary["reasons"] == [], summary["checks"]
     assert len(summary["checks"]) == 4 and not any(check["drift"] for check in summary["checks"])
+    size = summary["metrics"]["scans"]
+    expected = thresholds_at(load_reference(monitored["params"].paths.reference).meta["calibration"], size)
+    assert {c["check"]: c["threshold"] for c in summary["checks"]} == pytest.approx(expected)
+    assert all(f"calibrated for {size} scans" in c["rule"] for c in summary["checks"])
     scans = pd.read_csv(summary["out_dir"] + "/scans.csv")
-    assert sorted(scans.file) == sorted(monitored["like"]["normal"])
+    assert sorted(scans.file) == sorted(monitored[batch]["normal"])
 
 
 def test_an_inverted_batch_triggers_and_names_its_out_of_distribution_files(monitored):
@@ -97,6 +108,7 @@ def test_an_inverted_batch_triggers_and_names_its_out_of_distribution_files(moni
         "scans drawn like the training data are not all called OOD"
     # An inversion moves the intensity statistics of the head, which components.style measures.
     assert {"inner_median", "inner_to_rim", "rim_p95", "inner_skew"} & set(summary["style_drifted"])
+    assert summary["metrics"]["style_max_distance"] > like["metrics"]["style_max_distance"]
     assert summary["metrics"]["embedding_drift_score"] > like["metrics"]["embedding_drift_score"]
     assert summary["metrics"]["ood_share"] > like["metrics"]["ood_share"]
 
@@ -139,3 +151,35 @@ def test_class_mix_shift_is_a_total_variation_distance_tested_against_sampling_n
     # A shift as large in 5 scans is far weaker evidence: the distance alone would not tell them apart.
     small = class_mix_shift(reference, {"glioma": 0, "meningioma": 0, "notumor": 4, "pituitary": 1})
     assert small["distance"] > healthy["distance"] and small["p_value"] > 1e3 * healthy["p_value"]
+
+
+def test_the_reference_calibrates_every_size_and_records_the_false_alarm_rate_it_reaches(in_trained):
+    params = tiny_params(in_trained, TRAINED_EXTRA)
+    calibration = load_reference(params.paths.reference).meta["calibration"]
+    assert sorted(int(s) for s in calibration["sizes"]) == sorted(params.monitor.calibration_sizes)
+    assert calibration["false_alarm_rate"] == params.monitor.false_alarm_rate
+    val = len(pd.read_csv(params.paths.splits / "val.csv"))
+    assert calibration["pool"] == val
+    for size, entry in calibration["sizes"].items():
+        assert entry["with_replacement"] == (int(size) > val)
+        assert set(entry["thresholds"]) == {"embedding drift", "style drift", "class-mix shift", "OOD share"}
+        assert 0 <= entry["measured_false_alarm_rate"] <= 1
+
+
+def test_common_quantile_thresholds_hold_the_false_alarm_rate_on_their_draws():
+    rng = np.random.default_rng(0)
+    draws = {"a": rng.normal(size=1000), "b": rng.exponential(size=1000), "c": rng.normal(size=1000) ** 2}
+    for rate in (0.01, 0.05, 0.2):
+        limits = common_quantile_thresholds(draws, rate)
+        assert false_alarm_rate(draws, limits) <= rate
+        looser = {check: np.quantile(values, 1 - 2 * rate) for check, values in draws.items()}
+        assert false_alarm_rate(draws, looser) > rate, "the bisection stops at the rate, not far inside it"
+
+
+def test_thresholds_between_calibrated_sizes_follow_one_over_root_n():
+    calibration = {"sizes": {"20": {"thresholds": {"x": 0.5}}, "80": {"thresholds": {"x": 0.25}}}}
+    assert thresholds_at(calibration, 20) == {"x": 0.5} and thresholds_at(calibration, 10) == {"x": 0.5}
+    assert thresholds_at(calibration, 500) == {"x": 0.25}, "beyond the largest size: its (higher) threshold"
+    # linear in 1/sqrt(n): 45 sits at this share of the way from 20 to 80
+    weight = (20 ** -0.5 - 45 ** -0.5) / (20 ** -0.5 - 80 ** -0.5)
+    assert thresholds_at(calibration, 45)["x"] == pytest.approx(0.5 - 0.25 * weight)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.cli import main as cli_main
+from flows.cli import main as cli_main
 from components.config import PromoteParams, load_params
 from components.predict import predict_paths
 from components.promote import CHAMPION, TEST_NAME, PromotionError, gate, mcnemar, promote, rollback

@@ -186,3 +186,23 @@ def test_served_predictions_equal_in_process_ones(in_trained, ensemble):
     assert served.predicted_class.tolist() == local.predicted_class.tolist()
     np.testing.assert_allclose(served.filter(like="prob_").to_numpy(), local.filter(like="prob_").to_numpy(),
                                rtol=1e-5)
+
+
+def test_a_smoke_run_is_marked_in_the_registry_and_can_never_become_champion(trained_copy, monkeypatch):
+    """tracking.smoke (the quick profile): the new versions carry tag smoke=true and a card that says so, and
+    `braintumor promote` refuses the challenger whatever the gate would say."""
+    from components.register import run_register
+
+    monkeypatch.chdir(trained_copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = tiny_params(trained_copy, TRAINED_EXTRA + ["tracking.smoke=true"])
+    run_register(params)
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("brain-tumor-ensemble", "challenger")
+    assert version.tags["smoke"] == "true" and "**SMOKE RUN**" in version.description
+    with pytest.raises(PromotionError, match="smoke run.*can never become @champion"):
+        promote(params)
+    assert "champion" not in client.get_registered_model("brain-tumor-ensemble").aliases
+    full = tiny_params(trained_copy, TRAINED_EXTRA)
+    run_register(full)
+    assert client.get_model_version_by_alias("brain-tumor-ensemble", "challenger").tags["smoke"] == "false"

@@ -98,7 +98,7 @@ def test_metrics_match_sklearn_on_a_known_case():
 
     labels = np.array([0, 0, 1, 2, 3, 3])
     probabilities = np.eye(4)[[0, 1, 1, 2, 3, 2]] * 0.7 + 0.075
-    metrics = full_metrics(labels, probabilities, ["glioma", "meningioma", "notumor", "pituitary"], bins=10)
+    metrics = full_metrics(labels, probabilities, ["glioma", "meningioma", "notumor", "pituitary"], bins=10, tumor_threshold=0.5)
     assert metrics["accuracy"] == pytest.approx(4 / 6)
     assert metrics["sensitivity_glioma"] == pytest.approx(0.5)
     assert metrics["specificity_meningioma"] == pytest.approx(4 / 5)

@@ -12,7 +12,7 @@ from prefect import flow
 
 import flows.training as training
 from flows.dvc_stages import DependenciesChanged, pipeline_generations, stale_stages
-from tests.conftest import ROOT, tiny_params
+from tests.conftest import ROOT, git_dvc_repo, tiny_params
 
 MAKE = textwrap.dedent("""
     import os, pathlib, sys
@@ -51,15 +51,8 @@ DVC_YAML = textwrap.dedent("""
 
 @pytest.fixture
 def toy_repo(tmp_path) -> Path:
-    repo = tmp_path / "toy"
-    repo.mkdir()
-    (repo / "make.py").write_text(MAKE)
-    (repo / "dvc.yaml").write_text(DVC_YAML)
-    (repo / "params.yaml").write_text("value: 1\n")
-    (repo / "in.txt").write_text("input\n")
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(command, cwd=repo, check=True)
-    return repo
+    return git_dvc_repo(tmp_path / "toy", {"make.py": MAKE, "dvc.yaml": DVC_YAML, "params.yaml": "value: 1\n",
+                                           "in.txt": "input\n"})
 
 
 def run(repo: Path, params_overrides: list[str] | None = None):

@@ -4,7 +4,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flows.inference import OutsideInputRoot, batch_predict
+from components.validate import OutsideInputRoot
+from flows.inference import batch_predict
 from tests.conftest import TRAINED_EXTRA
 
 

@@ -10,12 +10,13 @@ import pandas as pd
 import pytest
 
 import flows.training as training
-from components import cli, tracking
+from components import tracking
+from flows import cli
 from components.config import load_params, write_overrides
 from components.data_append import append_dataset
 from components.data_import import data_hash
 from flows.monitoring import monitor_batch
-from tests.batches import TINY_THRESHOLDS, write_batch
+from tests.batches import write_batch
 from tests.conftest import write_tiny_dataset
 
 ENSEMBLE = "brain-tumor-ensemble"
@@ -26,7 +27,6 @@ DATA_STAGES = ("manifest", "validate", "split")  # the stages a test below runs 
 def copy(trained_copy, monkeypatch):
     monkeypatch.chdir(trained_copy)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    write_overrides(trained_copy / "params.yaml", TINY_THRESHOLDS)  # no stage depends on these keys
     return trained_copy
 
 

@@ -24,9 +24,9 @@ import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from components import services as svc
+from flows import services as svc
 from components.config import load_params
-from tests.conftest import ROOT
+from tests.conftest import ROOT, environment
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ class Team:
         return env
 
     def cli(self, *args: str, env: dict[str, str] | None = None, overrides: list[str] | None = None):
-        command = [sys.executable, "-m", "components.cli"]
+        command = [sys.executable, "-m", "flows.cli"]
         for override in self.overrides if overrides is None else overrides:
             command += ["-S", override]
         return subprocess.run([*command, "services", *args], cwd=ROOT, env=env or self.env(), capture_output=True,
@@ -118,22 +118,14 @@ def mlflow_as(team: Team, user: str, password: str):
     """This process's MLflow client pointed at the team server as `user` (env credentials, as the pipeline does)."""
     from mlflow.tracking._tracking_service import utils
 
-    saved = {k: os.environ.get(k) for k in CLIENT_ENV}
     saved_uri = utils._tracking_uri
-    os.environ.update({"MLFLOW_TRACKING_URI": team.mlflow_url, "MLFLOW_TRACKING_USERNAME": user,
-                       "MLFLOW_TRACKING_PASSWORD": password})
-    for key in ("BRAINTUMOR_PARENT_RUN_ID", "BRAINTUMOR_FLOW_RUN_ID"):
-        os.environ.pop(key, None)
-    mlflow.set_tracking_uri(team.mlflow_url)
-    try:
-        yield MlflowClient(team.mlflow_url)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        mlflow.set_tracking_uri(saved_uri)
+    with environment(MLFLOW_TRACKING_URI=team.mlflow_url, MLFLOW_TRACKING_USERNAME=user,
+                     MLFLOW_TRACKING_PASSWORD=password, BRAINTUMOR_PARENT_RUN_ID=None, BRAINTUMOR_FLOW_RUN_ID=None):
+        mlflow.set_tracking_uri(team.mlflow_url)
+        try:
+            yield MlflowClient(team.mlflow_url)
+        finally:
+            mlflow.set_tracking_uri(saved_uri)
 
 
 class Echo(mlflow.pyfunc.PythonModel):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from components.config import Params, ProjectError, load_params
+from flows.console import stage_console
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Params], object]] = {}
 
@@ -22,20 +23,27 @@ def command(name: str):
     return register
 
 
-def _print(result: object) -> None:
+def _print(result: object, out=None) -> None:
     if result is not None:
-        print(json.dumps(result, indent=2, default=str))
+        print(json.dumps(result, indent=2, default=str), file=out or sys.stdout)
 
 
 @command("data import")
 def _data_import(args, params):
     if args.append:
-        from components.data_append import append_dataset
+        from components.data_append import Labels, append_dataset
 
-        return append_dataset(args.source, params)
+        labels = None
+        if args.labels:
+            labels = Labels(Path(args.labels), tuple(args.classes.split(",")) if args.classes else None, args.sample)
+        elif args.classes or args.sample:
+            raise ProjectError("--classes and --sample pick rows of a labels file with --append: pass --labels FILE")
+        return append_dataset(args.source, params, labels, args.source_name)
+    if args.labels or args.classes or args.source_name:
+        raise ProjectError("--labels, --classes and --source-name go with --append (new labelled scans)")
     from components.data_import import import_dataset
 
-    return import_dataset(args.source, params.paths.raw)
+    return import_dataset(args.source, params.paths.raw, sample=args.sample)
 
 
 @command("manifest")
@@ -70,7 +78,8 @@ def _train(args, params):
 
     result = train_model(args.model, params)
     return {"model": result.name, "run_id": result.run_id, "epochs_run": result.epochs_run,
-            "resumed_from_epoch": result.resumed_from_epoch, "metrics": result.metrics}
+            "resumed_from_epoch": result.resumed_from_epoch, "val_accuracy": result.metrics["val"]["accuracy"],
+            "metrics": str(params.paths.metrics / f"{result.name}.json")}
 
 
 @command("stack")
@@ -107,7 +116,7 @@ def _promote(args, params):
     from components.promote import promote
 
     result = promote(params, dry_run=args.dry_run, model=args.model)
-    print(result.pop("table"))
+    print(result.pop("table"), file=args.console.out)
     return result
 
 
@@ -129,7 +138,7 @@ def _predict(args, params):
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.out, index=False)
         return {"rows": len(frame), "out": args.out}
-    print(frame.to_csv(index=False), end="")
+    print(frame.to_csv(index=False), end="", file=args.console.out)
     return None
 
 
@@ -188,7 +197,7 @@ def _flow_train(args, params):
     from flows.training import run_with_runner  # Prefect lives in flows/, imported only for `flow` commands
 
     # -S is written into params.yaml under the run lock (as `dvc exp run -S` does), so DVC and the flow agree.
-    return run_with_runner(args.params, args.overrides, args.promote)
+    return run_with_runner(args.params, args.overrides, args.promote, params)
 
 
 @command("flow predict")
@@ -197,7 +206,7 @@ def _flow_predict(args, params):
     _prefect_startup_timeout(params)
     from flows.inference import batch_predict
 
-    return batch_predict(args.folder, args.model_uri, args.params)
+    return batch_predict(args.folder, args.model_uri, args.params, params)
 
 
 @command("flow monitor")
@@ -206,7 +215,7 @@ def _flow_monitor(args, params):
     _prefect_startup_timeout(params)
     from flows.monitoring import monitor_batch
 
-    return monitor_batch(args.folder, args.model_uri, args.params)
+    return monitor_batch(args.folder, args.model_uri, args.params, params)
 
 
 @command("flow serve")
@@ -214,16 +223,23 @@ def _flow_serve(args, params):
     _refuse_overrides(args, "every scheduled run reads params.yaml afresh; edit and commit it instead")
     from flows.deploy import serve
 
-    serve(args.params)
+    serve(args.params, params)
+
+
+@command("quick")
+def _quick(args, params):
+    from flows.quick import run_quick
+
+    return run_quick(params, Path(args.params).resolve().parent)
 
 
 @command("services")
 def _services(args, params):
-    from components.services import run
+    from flows.services import run
 
     result = run(args.action, params)
     if args.action == "up":  # shell lines for the pipeline, e.g. eval "$(braintumor services up)"
-        print("\n".join(result["exports"]))
+        print("\n".join(result["exports"]), file=args.console.out)
         return None
     return result
 
@@ -244,6 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
                              help="add the labelled scans of the folder SRC/<class>/ (or SRC/Training/<class>/) to "
                              "data/raw/Training as a new DVC version; refuses unreadable, invalid or unknown-class "
                              "files and near duplicates of test images, all or nothing")
+    data_import.add_argument("--labels", metavar="FILE",
+                             help="with --append: a labels file (under SRC or a path) with columns file and label, "
+                             "optionally weighting and group; SRC's layout then does not matter")
+    data_import.add_argument("--classes", metavar="C1,C2",
+                             help="with --labels: take only rows of these labels (training classes only)")
+    data_import.add_argument("--sample", type=int, metavar="N",
+                             help="only the first N scans of each class (a smoke run; Testing: a quarter as many); "
+                             "with --append, the first N rows of each label")
+    data_import.add_argument("--source-name", metavar="NAME",
+                             help="with --append: the source recorded in the manifest (default: SRC's folder name)")
 
     sub.add_parser("manifest", help="scan data/raw into data/manifest.parquet")
     sub.add_parser("validate", help="Great Expectations checks; writes quarantine and Data Docs")
@@ -293,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "compared with its `reference` artifact (default: the workspace's trained models and "
                               "paths.reference, no registry needed)")
     flow.add_parser("serve", help="serve the scheduled train_pipeline deployment (cron from params)")
+    sub.add_parser("quick", help="every stage once on a small sample at a small size, in a scratch checkout of HEAD "
+                   "(params: quick): a smoke run, marked as such, in minutes")
     services = sub.add_parser("services", help="team PostgreSQL, MLflow (basic auth) and Prefect servers (params: "
                               "services); credentials from the environment")
     services.add_argument("action", choices=["up", "down", "status"],
@@ -304,20 +332,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stage_name(args: argparse.Namespace, command: str) -> str:
+    """How the console and the log file name this run: DVC's stage name where there is one (`train@custom_cnn`)."""
+    return f"{command}@{args.model}" if command == "train" else command
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = args.command + (f" {args.data_command}" if args.command == "data" else "")
     name = name + (f" {args.flow_command}" if args.command == "flow" else "")
-    try:
-        params = load_params(Path(args.params), args.overrides)
-        _print(COMMANDS[name](args, params))
-    except (FileNotFoundError, ProjectError) as exc:  # anything else is a bug: its traceback is kept
-        if args.verbose:
+    with stage_console(stage_name(args, name), args.verbose) as console:
+        try:
+            params = load_params(Path(args.params), args.overrides)
+            args.console = console
+            _print(COMMANDS[name](args, params), console.out)
+        except (FileNotFoundError, ProjectError) as exc:  # anything else is a bug: its traceback is kept
+            if args.verbose:
+                raise
+            where = f"; the full log is {console.log_file}" if console.log_file else ""
+            print(f"braintumor {name}: error: {exc}\n(run `braintumor -v ...` for the traceback{where})",
+                  file=console.err)
+            return 1
+        except BaseException:  # a bug: its traceback reaches the console as the exception leaves, and the log here
+            logging.getLogger("braintumor").exception("braintumor %s failed", name)
             raise
-        print(f"braintumor {name}: error: {exc}\n(run `braintumor -v ...` for the traceback)", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -1,0 +1,147 @@
+"""The drift statistics of a batch of scans, and their thresholds calibrated on batches drawn from data the models
+did not train on (val), per batch size.
+
+One definition of each statistic, used by the reference stage to calibrate (components.reference) and by the
+monitor on every incoming batch (components.monitor):
+
+- embedding: Evidently's model-based embedding drift (ModelDriftMethod, the EmbeddingsDrift metric's method): the
+  ROC AUC of a classifier telling the batch's embeddings from the training ones (0.5: alike), on embeddings
+  standardised by the training embeddings' mean and spread;
+- style: the largest normed Wasserstein distance (Evidently's `wasserstein` column test: the distance divided by the
+  reference's standard deviation) over the acquisition-style features of components.style;
+- class mix: the total-variation distance between the stack's predicted class shares and its shares on val;
+- OOD share: the share of scans farther from the training embeddings than the profile's OOD threshold.
+
+Every statistic shrinks as a batch grows, so one fixed threshold either misses drift in large batches or raises
+false alarms in small ones. The reference stage draws monitor.calibration_draws batches of each size in
+monitor.calibration_sizes from val and sets the four thresholds at one common upper quantile of their statistics,
+the smallest that keeps the whole verdict (any check over its threshold) on at most monitor.false_alarm_rate of
+those batches; as many further batches measure the rate it reaches. A batch of another size uses thresholds
+interpolated linearly in 1/sqrt(size) between the nearest calibrated sizes (beyond the largest, the largest's: a
+higher threshold than its own, so no more false alarms).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+CHECKS = ("embedding drift", "style drift", "class-mix shift", "OOD share")
+
+
+def embedding_score(reference: np.ndarray, batch: np.ndarray) -> float:
+    """Evidently's model-based embedding drift score of `batch` against `reference` (both already standardised)."""
+    from evidently.metrics.embeddings import ModelDriftMethod
+
+    columns = [f"e{i}" for i in range(reference.shape[1])]
+    score, _, _ = ModelDriftMethod()(pd.DataFrame(batch, columns=columns), pd.DataFrame(reference, columns=columns))
+    return float(score)
+
+
+def style_distances(reference: pd.DataFrame, batch: pd.DataFrame, columns: list[str]) -> dict[str, float]:
+    """Per style column with values on both sides: the normed Wasserstein distance, as Evidently's `wasserstein`
+    column test computes it (scipy's distance divided by the reference's standard deviation, at least 0.001)."""
+    from scipy.stats import wasserstein_distance
+
+    out = {}
+    for column in columns:
+        ref, cur = reference[column].dropna().to_numpy(), batch[column].dropna().to_numpy()
+        if len(ref) and len(cur):
+            out[column] = float(wasserstein_distance(ref, cur) / max(float(np.std(ref)), 0.001))
+    return out
+
+
+def class_mix_distance(reference_share: dict[str, float], predicted: np.ndarray) -> float:
+    """Total-variation distance between the batch's predicted class shares and the reference's."""
+    classes = list(reference_share)
+    counts = np.array([(np.asarray(predicted) == c).sum() for c in classes], dtype=float)
+    share = counts / counts.sum() if counts.sum() else counts
+    return float(0.5 * np.abs(share - np.array([reference_share[c] for c in classes])).sum())
+
+
+def statistics(embedding: float, style: dict[str, float], mix: float, ood_share: float) -> dict[str, float]:
+    """The four statistics of a batch, by check name (a style with no comparable column measures 0)."""
+    return dict(zip(CHECKS, (embedding, max(style.values(), default=0.0), mix, ood_share)))
+
+
+def common_quantile_thresholds(draws: dict[str, np.ndarray], false_alarm_rate: float) -> dict[str, float]:
+    """Thresholds at one upper quantile q of every check's null statistics: the smallest q at which at most
+    `false_alarm_rate` of the draws have any statistic above its threshold (bisection on q)."""
+    def thresholds(q: float) -> dict[str, float]:
+        return {check: float(np.quantile(values, q)) for check, values in draws.items()}
+
+    def alarms(limits: dict[str, float]) -> float:
+        return float(np.mean(np.any([draws[c] > limits[c] for c in draws], axis=0)))
+
+    low, high = 1.0 - false_alarm_rate, 1.0
+    if alarms(thresholds(low)) <= false_alarm_rate:
+        return thresholds(low)
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (low, middle) if alarms(thresholds(middle)) <= false_alarm_rate else (middle, high)
+    return thresholds(high)
+
+
+def false_alarm_rate(draws: dict[str, np.ndarray], limits: dict[str, float]) -> float:
+    """Share of the draws on which any check is over its threshold."""
+    return float(np.mean(np.any([draws[c] > limits[c] for c in draws], axis=0)))
+
+
+class BatchPool:
+    """Batches drawn from in-distribution scans (each row: its embedding, style features, predicted class and
+    distance to the training data), scored against the training profile."""
+
+    def __init__(self, reference_embeddings: np.ndarray, reference_style: pd.DataFrame, style_columns: list[str],
+                 reference_mix: dict[str, float], ood_threshold: float, embeddings: np.ndarray,
+                 style: pd.DataFrame, predicted: np.ndarray, distances: np.ndarray):
+        self.mean = reference_embeddings.mean(axis=0)
+        self.spread = reference_embeddings.std(axis=0) + 1e-8
+        self.reference = (reference_embeddings - self.mean) / self.spread
+        self.reference_style, self.columns = reference_style, style_columns
+        self.mix, self.ood_threshold = reference_mix, ood_threshold
+        self.embeddings, self.style = (embeddings - self.mean) / self.spread, style.reset_index(drop=True)
+        self.predicted, self.distances = np.asarray(predicted), np.asarray(distances)
+
+    def batch(self, rows: np.ndarray) -> dict[str, float]:
+        return statistics(embedding_score(self.reference, self.embeddings[rows]),
+                          style_distances(self.reference_style, self.style.iloc[rows], self.columns),
+                          class_mix_distance(self.mix, self.predicted[rows]),
+                          float(np.mean(self.distances[rows] > self.ood_threshold)))
+
+    def draws(self, size: int, count: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """{check: its statistic on `count` batches of `size` rows}: each drawn without replacement, or with it (a
+        bootstrap) when the pool holds fewer than `size` rows."""
+        pool = len(self.predicted)
+        rows = [self.batch(rng.choice(pool, size, replace=size > pool)) for _ in range(count)]
+        return {check: np.array([row[check] for row in rows]) for check in CHECKS}
+
+
+def calibrate(null: BatchPool, sizes: list[int], draws: int, rate: float, seed: int) -> dict:
+    """Thresholds per calibrated size (see the module docstring), and the false-alarm rate they reach on as many
+    further draws. A size beyond the pool is drawn with replacement, and says so."""
+    rng = np.random.default_rng(seed)
+    pool = len(null.predicted)
+    out = {"false_alarm_rate": rate, "draws": draws, "checks": list(CHECKS), "pool": pool, "sizes": {}}
+    for size in sorted(sizes):
+        limits = common_quantile_thresholds(null.draws(size, draws, rng), rate)
+        measured = false_alarm_rate(null.draws(size, draws, rng), limits)
+        out["sizes"][str(size)] = {"thresholds": limits, "measured_false_alarm_rate": measured,
+                                   "with_replacement": size > pool}
+    return out
+
+
+def thresholds_at(calibration: dict, size: int) -> dict[str, float]:
+    """The thresholds for a batch of `size` scans: a calibrated size's own, or interpolated linearly in 1/sqrt(size)
+    between the two nearest calibrated sizes; below the smallest the smallest's, beyond the largest the largest's."""
+    calibrated = sorted((int(s), entry["thresholds"]) for s, entry in calibration["sizes"].items())
+    if not calibrated:
+        raise ValueError("the calibration holds no batch size (val smaller than every monitor.calibration_sizes)")
+    if size <= calibrated[0][0]:
+        return dict(calibrated[0][1])
+    if size >= calibrated[-1][0]:
+        return dict(calibrated[-1][1])
+    for (small, low), (large, high) in zip(calibrated, calibrated[1:]):
+        if small <= size <= large:
+            weight = (small ** -0.5 - size ** -0.5) / (small ** -0.5 - large ** -0.5)
+            return {check: (1 - weight) * low[check] + weight * high[check] for check in low}
+    raise AssertionError("unreachable")
