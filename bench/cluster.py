@@ -30,6 +30,22 @@ def sh(*command, cwd, env=None) -> str:
     return done.stdout
 
 
+def reload_ray_auth() -> None:
+    """Make this process read Ray's auth settings (RAY_AUTH_MODE, RAY_AUTH_TOKEN) from its environment again.
+
+    Ray caches them per process (RayConfig, the token loader) the first time it loads them, so a driver that used
+    Ray before the cluster's token entered its environment (pytest, after the local-Ray tests) would connect without
+    it and be refused. Call it after setting or restoring those variables. Ray's own tests reset the same two caches
+    (ray._private.authentication_test_utils.reset_auth_token_state)."""
+    import ray
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    if ray.is_initialized():
+        ray.shutdown()
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def wait_until(check, seconds: float, what: str):
     deadline = time.time() + seconds
     while time.time() < deadline:

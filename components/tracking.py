@@ -86,7 +86,11 @@ def configure(tracking: TrackingParams) -> str:
     _TIMEOUT) is a TrackingUnavailable naming it and how to start it."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.tracking_uri
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # Absolute: MLflow keeps one store per URI string in a process, so a relative URI set again from another
+        # working directory would still reach the first directory's database.
+        database = Path(uri.removeprefix("sqlite:///")).resolve()
+        database.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{database}"
     mlflow.set_tracking_uri(uri)  # note: MLflow also exports it as MLFLOW_TRACKING_URI for subprocesses
     try:
         if mlflow.get_experiment_by_name(tracking.experiment) is None:

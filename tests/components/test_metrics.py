@@ -243,9 +243,11 @@ def test_written_page_states_the_device_and_weights_that_ran(params, tmp_path, m
         {name: {"test": metrics, "test_clean": metrics} for name in [*params.stack.models, "stack"]}))
     (tmp_path / "splits").mkdir()
     pd.DataFrame({"path": ["a", "b"], "label": ["glioma", "notumor"], "clean": [True, False]}).to_csv(tmp_path / "splits" / "test.csv", index=False)
+    pd.DataFrame({"path": ["c", "d"], "label": ["glioma", "notumor"], "source": ["kaggle", "external-feltrin-dev"]}).to_csv(
+        tmp_path / "splits" / "train.csv", index=False)
     local = load_params(ROOT / "params.yaml", ["paths.metrics=metrics", "paths.splits=splits", "paths.plots=plots",
                                                "paths.models=models", "report.out=docs/results.md",
-                                               "report.figures=docs/results"])
+                                               "report.figures=docs/results", "report.runs_dir=runs"])
     text = report.write_report(local, commit="def5678").read_text()
     header = text.split("## Profile", 1)[0]
     backbones = [name for name in params.stack.models if name not in NO_BACKBONE]
@@ -256,6 +258,9 @@ def test_written_page_states_the_device_and_weights_that_ran(params, tmp_path, m
     assert f"pretrained (`weights: imagenet`): {', '.join(backbones)}" in header
     profile = text.split("## Profile", 1)[1].split("## Comparison", 1)[0]
     assert "| mobilenetv2 |" in profile and profile.count("| imagenet |") == len(params.stack.models)
+    # The data label comes from the training pool's sources, and the run is kept under it for the comparisons.
+    assert "trained on `external-feltrin-dev+kaggle`" in header.splitlines()[0]
+    assert (tmp_path / "runs" / f"external-feltrin-dev+kaggle-seed{local.seed}.json").exists()
 
 
 # --- one tumor call -------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def monitored(trained_workspace):
         params = tiny_params(trained_workspace, TRAINED_EXTRA)
         loaded = load_model(params, None)
         val = pd.read_csv(params.paths.splits / "val.csv").path.tolist()
-        out = {"params": params}
+        out = {"params": params, "workspace": trained_workspace}
         for name, count, inverted, seed in (("val-20", 20, 0, 11), ("like", 24, 0, 101), ("shifted", 24, 20, 202),
                                             ("new", 24, 0, 505), ("few", 3, 0, 303)):
             folder = trained_workspace / "data" / "incoming" / f"monitor-{name}"
@@ -92,7 +92,8 @@ def test_batches_drawn_like_the_training_data_do_not_trigger_at_the_committed_th
     assert not summary["drift"] and summary["reasons"] == [], summary["checks"]
     assert len(summary["checks"]) == 4 and not any(check["drift"] for check in summary["checks"])
     size = summary["metrics"]["scans"]
-    expected = thresholds_at(load_reference(monitored["params"].paths.reference).meta["calibration"], size)
+    reference = load_reference(monitored["workspace"] / monitored["params"].paths.reference)
+    expected = thresholds_at(reference.meta["calibration"], size)
     assert {c["check"]: c["threshold"] for c in summary["checks"]} == pytest.approx(expected)
     assert all(f"calibrated for {size} scans" in c["rule"] for c in summary["checks"])
     scans = pd.read_csv(summary["out_dir"] + "/scans.csv")

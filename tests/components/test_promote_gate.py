@@ -137,16 +137,22 @@ GATE_IMAGES = 80
 class PathOracle(mlflow.pyfunc.PythonModel):
     """Answers from the path `img_<index>_<label>.png`: right on the indices in `right`, wrong elsewhere."""
 
+    classes = CLASSES
+
     def __init__(self, right):
         self.right = set(int(i) for i in right)
 
-    def predict(self, context, model_input, params=None):
+    def component_probabilities(self, model_input):
+        """The ensemble's scoring interface (components.predict.score_files), with the stack as its only part."""
         rows = []
         for value in model_input["image"]:  # predict_paths sends each file's bytes: here, the file's own name
             _, index, label = Path(base64.b64decode(value).decode()).stem.split("_")
             truth = CLASSES.index(label)
             rows.append(np.eye(len(CLASSES))[truth if int(index) in self.right else (truth + 1) % len(CLASSES)])
-        out = pd.DataFrame(rows, columns=[f"prob_{c}" for c in CLASSES])
+        return {"stack": np.array(rows)}
+
+    def predict(self, context, model_input, params=None):
+        out = pd.DataFrame(self.component_probabilities(model_input)["stack"], columns=[f"prob_{c}" for c in CLASSES])
         out.insert(0, "predicted_class", np.array(CLASSES)[out.to_numpy().argmax(axis=1)])
         return out
 

@@ -196,13 +196,17 @@ def test_a_smoke_run_is_marked_in_the_registry_and_can_never_become_champion(tra
     monkeypatch.chdir(trained_copy)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = tiny_params(trained_copy, TRAINED_EXTRA + ["tracking.smoke=true"])
-    run_register(params)
+    tracking.configure(params.tracking)  # the copy's own store, before a client is made
     client = mlflow.MlflowClient()
+    champion_before = client.get_registered_model("brain-tumor-ensemble").aliases.get("champion")
+    run_register(params)
     version = client.get_model_version_by_alias("brain-tumor-ensemble", "challenger")
     assert version.tags["smoke"] == "true" and "**SMOKE RUN**" in version.description
     with pytest.raises(PromotionError, match="smoke run.*can never become @champion"):
         promote(params)
-    assert "champion" not in client.get_registered_model("brain-tumor-ensemble").aliases
+    # The refused promotion moved nothing: @champion is what the trained workspace's flow left, never the smoke run.
+    champion_after = client.get_registered_model("brain-tumor-ensemble").aliases.get("champion")
+    assert champion_after == champion_before and str(champion_after) != str(version.version)
     full = tiny_params(trained_copy, TRAINED_EXTRA)
     run_register(full)
     assert client.get_model_version_by_alias("brain-tumor-ensemble", "challenger").tags["smoke"] == "false"

@@ -80,7 +80,8 @@ def test_one_flow_start_parses_params_once(prefect_harness, tmp_path, monkeypatc
     for module in list(sys.modules.values()):
         if getattr(module, "load_params", None) is real:
             monkeypatch.setattr(module, "load_params", counted)
-    monkeypatch.setattr(training, "run_generations", lambda params, root, env: seen.update(params=params) or ([], []))
+    monkeypatch.setattr(training, "run_generations",
+                        lambda params, root, env, timings: seen.update(params=params) or ([], []))
     assert cli.main(["-S", "models.resnet50.epochs=2", "flow", "train"]) == 0
     assert len(parses) == 1, f"params.yaml parsed {len(parses)} times on one flow start"
     assert seen["params"].model("resnet50").epochs == 2

@@ -110,13 +110,15 @@ def test_appended_labelled_data_is_a_new_data_version_and_the_next_monitoring_ru
     first = monitor_batch(str(incoming), None, str(copy / "params.yaml"))
 
     assert first["summary"]["metrics"]["quarantined"] == 1 and not first["summary"]["verdict"]
-    assert first["new_data"] == ["manifest"] and not first["summary"]["drift"]
+    # The stages that read the raw images: the manifest, and the trainings (a node without the flow's disk pulls them).
+    assert first["new_data"] == sorted(["manifest", *(f"train@{m}" for m in params.stack.models)])
+    assert not first["summary"]["drift"]
     ran = first["retrain"]["ran"]
     assert set(DATA_STAGES) | {f"train@{m}" for m in params.stack.models} <= set(ran), ran
     train_split = pd.read_csv(copy / "data" / "splits" / "train.csv")
     assert train_split.path.str.contains("/Ad-").any(), "the appended scans reach the training split"
     tags = mlflow.get_run(first["retrain"]["mlflow_parent_run_id"]).data.tags
-    assert tags["trigger.reason"] == "new_data" and tags["trigger.new_data_stages"] == "['manifest']"
+    assert tags["trigger.reason"] == "new_data" and tags["trigger.new_data_stages"] == str(first["new_data"])
     assert tags["dvc_data_hash"] == appended["dvc_hash"]
 
     second = monitor_batch(str(incoming), None, str(copy / "params.yaml"))
@@ -130,7 +132,9 @@ def test_the_cli_only_parses_flow_monitor(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(flows.monitoring, "monitor_batch", lambda *args: calls.append(args) or {"ok": True})
     assert cli.main(["flow", "monitor", "data/incoming/x", "--model-uri", "models:/m@champion"]) == 0
-    assert calls == [("data/incoming/x", "models:/m@champion", "params.yaml")]
+    # The CLI hands over its arguments and the params it parsed (once), nothing else.
+    assert [call[:3] for call in calls] == [("data/incoming/x", "models:/m@champion", "params.yaml")]
+    assert calls[0][3] == load_params("params.yaml")
     assert cli.main(["flow", "monitor", "data/incoming/x"]) == 0 and calls[-1][1] is None
     assert cli.main(["-S", "monitor.min_scans=5", "flow", "monitor", "data/incoming/x"]) == 1
     assert "does not take overrides" in capsys.readouterr().err

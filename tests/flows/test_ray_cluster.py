@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.cluster import BIN, Cluster, prepare_head_repo, sh, wait_until
+from bench.cluster import BIN, Cluster, prepare_head_repo, reload_ray_auth, sh, wait_until
 from tests.conftest import ROOT, TRAINED_EXTRA, environment, tiny_overrides, write_tiny_dataset
 
 MODELS = ["custom_cnn", "mobilenetv2"]
@@ -49,8 +49,10 @@ def run_flow(cluster: Cluster, overrides: list[str] | None = None) -> dict:
     os.chdir(cluster.head_repo)
     try:
         with environment(MLFLOW_TRACKING_URI=cluster.tracking_uri, RAY_ADDRESS=None, **cluster.ray_auth()):
+            reload_ray_auth()  # this pytest process may have used Ray (without the token) in an earlier test
             return run_with_runner(str(cluster.head_repo / "params.yaml"), overrides)
     finally:
+        reload_ray_auth()  # and later tests' local Ray runs without it
         os.chdir(previous)
 
 
