@@ -6,8 +6,9 @@ model, the style features, the distance to the training data); batches are then 
 with components.drift's statistics against the thresholds calibrated for their size, as `braintumor flow monitor`
 judges a folder. Pools:
 
-- in distribution: the `stack` split, as it is (no threshold was calibrated on it: its alarms are false alarms), and
-  val, the calibration pool itself;
+- in distribution: the held-out splits as they are (stack, val, gate): on a split outside the reference's
+  monitor.calibration_splits no threshold was calibrated, so its alarms are false alarms; the others are shown as
+  the calibration pool;
 - shifted copies of val: inverted contrast, blurred, low resolution, another colour mode and JPEG quality, the skull
   masked away (the head's rim cut off), and a batch of one weighting only (val's T2-like scans, from the style stage);
 - every folder of ../shared/datasets other than the training set (another collection, as it comes).
@@ -31,6 +32,7 @@ from PIL import Image, ImageFilter, ImageOps
 from bench.training import machine, now, write_results
 
 PLOT = Path(__file__).resolve().parents[1] / "docs" / "monitoring" / "detection.png"
+SPLITS = ("stack", "val", "gate")  # the held-out splits: false alarms on those the reference did not calibrate on
 SHIFTS = {
     "inverted contrast": lambda image: ImageOps.invert(image.convert("RGB")),
     "blurred": lambda image: image.filter(ImageFilter.GaussianBlur(radius=3)),
@@ -145,11 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
     scorer, what, reference = load_model(params, None)
     extractor = embedding_extractor(scorer.models[reference.meta["embedding_model"]])
     val = pd.read_csv(params.paths.splits / "val.csv").path.tolist()
-    stack = pd.read_csv(params.paths.splits / "stack.csv").path.tolist()
     styles = read_styles(params)
     t2_val = styles[(styles.split == "val") & (styles.weighting == T2)].path.tolist()
-    pools = {"stack split": (stack, "false alarm"), "val": (val, "calibration"),
-             "val, T2-like only": (t2_val, "shift")}
+    calibrated_on = reference.meta["calibration"].get("splits", ["val"])
+    held_out = {split: pd.read_csv(params.paths.splits / f"{split}.csv").path.tolist() for split in SPLITS}
+    pools = {f"{split} split": (held_out[split], "calibration" if split in calibrated_on else "false alarm")
+             for split in SPLITS}
+    pools["val, T2-like only"] = (t2_val, "shift")
     scratch = Path(tempfile.mkdtemp(prefix="drift-bench-"))
     try:
         for shift in SHIFTS:

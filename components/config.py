@@ -288,10 +288,18 @@ class MonitorParams(Section):
     false_alarm_rate: float = Field(gt=0, lt=1)
     calibration_sizes: list[int] = Field(min_length=1)
     calibration_draws: int = Field(ge=20)
+    calibration_splits: list[Literal["val", "stack", "gate"]] = Field(min_length=1)
     after_batch_predict: bool
     retrain_on_drift: bool
     retrain_on_new_data: bool
     event: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _val_calibrates(self):
+        if "val" not in self.calibration_splits:
+            raise ValueError(f"monitor.calibration_splits = {self.calibration_splits} leaves out val: the class-mix "
+                             "check is calibrated on val (the only held-out split the stack predicted); add val")
+        return self
 
 
 class QuickParams(Section):

@@ -1,5 +1,5 @@
 """The drift statistics of a batch of scans, and their thresholds calibrated on batches drawn from data the models
-did not train on (val), per batch size.
+did not train on, per batch size.
 
 One definition of each statistic, used by the reference stage to calibrate (components.reference) and by the
 monitor on every incoming batch (components.monitor):
@@ -13,12 +13,20 @@ monitor on every incoming batch (components.monitor):
 - OOD share: the share of scans farther from the training embeddings than the profile's OOD threshold.
 
 Every statistic shrinks as a batch grows, so one fixed threshold either misses drift in large batches or raises
-false alarms in small ones. The reference stage draws monitor.calibration_draws batches of each size in
-monitor.calibration_sizes from val and sets the four thresholds at one common upper quantile of their statistics,
-the smallest that keeps the whole verdict (any check over its threshold) on at most monitor.false_alarm_rate of
-those batches; as many further batches measure the rate it reaches. A batch of another size uses thresholds
-interpolated linearly in 1/sqrt(size) between the nearest calibrated sizes (beyond the largest, the largest's: a
-higher threshold than its own, so no more false alarms).
+false alarms in small ones. The reference stage therefore calibrates per size in monitor.calibration_sizes: it
+draws monitor.calibration_draws in-distribution batches of each size and sets the four thresholds at one common
+upper quantile of their statistics, the smallest that keeps the whole verdict (any check over its threshold) on at
+most monitor.false_alarm_rate of those batches; as many further batches measure the rate it reaches.
+
+The in-distribution batches come from the held-out splits in monitor.calibration_splits (never trained on), pooled;
+the class mix, which needs the stack's predictions, from val alone. A pool is a finite sample with its own offset
+from the training data, and a batch drawn from it without replacement shares that offset: calibrated on one split
+of 482 scans, the thresholds raised 14-48% false alarms on another held-out split (docs/monitoring.md). So each
+calibration batch of size n is drawn with replacement at the effective size n*N/(n+N) (N the pool's size): its
+statistics vary as much as a fresh batch's plus the pool's own sampling error, for a mean.
+
+A batch of another size uses thresholds interpolated linearly in 1/sqrt(size) between the nearest calibrated sizes
+(beyond the largest, the largest's: a higher threshold than its own, so no more false alarms).
 """
 
 from __future__ import annotations
@@ -88,45 +96,77 @@ def false_alarm_rate(draws: dict[str, np.ndarray], limits: dict[str, float]) -> 
 
 
 class BatchPool:
-    """Batches drawn from in-distribution scans (each row: its embedding, style features, predicted class and
-    distance to the training data), scored against the training profile."""
+    """In-distribution scans (each row: its embedding, style features, predicted class and distance to the training
+    data) to draw batches from, scored against the training profile. `predicted` may be None for a pool that only
+    serves the checks without the class mix."""
 
     def __init__(self, reference_embeddings: np.ndarray, reference_style: pd.DataFrame, style_columns: list[str],
                  reference_mix: dict[str, float], ood_threshold: float, embeddings: np.ndarray,
-                 style: pd.DataFrame, predicted: np.ndarray, distances: np.ndarray):
+                 style: pd.DataFrame, predicted: np.ndarray | None, distances: np.ndarray):
         self.mean = reference_embeddings.mean(axis=0)
         self.spread = reference_embeddings.std(axis=0) + 1e-8
         self.reference = (reference_embeddings - self.mean) / self.spread
         self.reference_style, self.columns = reference_style, style_columns
         self.mix, self.ood_threshold = reference_mix, ood_threshold
         self.embeddings, self.style = (embeddings - self.mean) / self.spread, style.reset_index(drop=True)
-        self.predicted, self.distances = np.asarray(predicted), np.asarray(distances)
+        self.predicted = None if predicted is None else np.asarray(predicted)
+        self.distances = np.asarray(distances)
 
-    def batch(self, rows: np.ndarray) -> dict[str, float]:
-        return statistics(embedding_score(self.reference, self.embeddings[rows]),
-                          style_distances(self.reference_style, self.style.iloc[rows], self.columns),
-                          class_mix_distance(self.mix, self.predicted[rows]),
-                          float(np.mean(self.distances[rows] > self.ood_threshold)))
+    def __len__(self) -> int:
+        return len(self.distances)
 
-    def draws(self, size: int, count: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """{check: its statistic on `count` batches of `size` rows}: each drawn without replacement, or with it (a
-        bootstrap) when the pool holds fewer than `size` rows."""
-        pool = len(self.predicted)
-        rows = [self.batch(rng.choice(pool, size, replace=size > pool)) for _ in range(count)]
-        return {check: np.array([row[check] for row in rows]) for check in CHECKS}
+    def batch(self, rows: np.ndarray, checks: tuple[str, ...] = CHECKS) -> dict[str, float]:
+        """The statistics in `checks` of the batch of these rows (only those: the embedding score fits a model)."""
+        compute = {
+            "embedding drift": lambda: embedding_score(self.reference, self.embeddings[rows]),
+            "style drift": lambda: max(style_distances(self.reference_style, self.style.iloc[rows],
+                                                       self.columns).values(), default=0.0),
+            "class-mix shift": lambda: class_mix_distance(self.mix, self.predicted[rows]),
+            "OOD share": lambda: float(np.mean(self.distances[rows] > self.ood_threshold)),
+        }
+        return {check: compute[check]() for check in checks}
+
+    def draws(self, size: int, count: int, rng: np.random.Generator,
+              checks: tuple[str, ...] = CHECKS) -> dict[str, np.ndarray]:
+        """{check: its statistic on `count` batches of `size` rows}, as batches arrive: each drawn without
+        replacement, or with it (a bootstrap) when the pool holds fewer than `size` rows."""
+        rows = [self.batch(rng.choice(len(self), size, replace=size > len(self)), checks) for _ in range(count)]
+        return {check: np.array([row[check] for row in rows]) for check in checks}
+
+    def null_draws(self, size: int, count: int, rng: np.random.Generator,
+                   checks: tuple[str, ...] = CHECKS) -> dict[str, np.ndarray]:
+        """Like `draws`, for calibration: with replacement at the effective size size*N/(size+N), so the batches
+        carry the pool's own sampling error as well as their own (the module docstring)."""
+        effective = max(2, round(size * len(self) / (size + len(self))))
+        rows = [self.batch(rng.choice(len(self), effective, replace=True), checks) for _ in range(count)]
+        return {check: np.array([row[check] for row in rows]) for check in checks}
 
 
-def calibrate(null: BatchPool, sizes: list[int], draws: int, rate: float, seed: int) -> dict:
+def calibrate(pools: dict[str, BatchPool], sizes: list[int], draws: int, rate: float, seed: int) -> dict:
     """Thresholds per calibrated size (see the module docstring), and the false-alarm rate they reach on as many
-    further draws. A size beyond the pool is drawn with replacement, and says so."""
+    further draws. `pools` names, for each check of CHECKS, the pool its in-distribution batches come from; the
+    i-th draws of all checks make the i-th batch's verdict."""
+    missing = set(CHECKS) - set(pools)
+    if missing:
+        raise ValueError(f"no calibration pool for {sorted(missing)}")
     rng = np.random.default_rng(seed)
-    pool = len(null.predicted)
-    out = {"false_alarm_rate": rate, "draws": draws, "checks": list(CHECKS), "pool": pool, "sizes": {}}
+    served: dict[int, tuple[BatchPool, tuple[str, ...]]] = {}
+    for check in CHECKS:
+        pool, checks = served.get(id(pools[check]), (pools[check], ()))
+        served[id(pools[check])] = (pool, checks + (check,))
+
+    def null(size: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for pool, checks in served.values():
+            out.update(pool.null_draws(size, draws, rng, checks))
+        return out
+
+    out = {"false_alarm_rate": rate, "draws": draws, "checks": list(CHECKS),
+           "pool": {check: len(pools[check]) for check in CHECKS}, "sizes": {}}
     for size in sorted(sizes):
-        limits = common_quantile_thresholds(null.draws(size, draws, rng), rate)
-        measured = false_alarm_rate(null.draws(size, draws, rng), limits)
-        out["sizes"][str(size)] = {"thresholds": limits, "measured_false_alarm_rate": measured,
-                                   "with_replacement": size > pool}
+        limits = common_quantile_thresholds(null(size), rate)
+        out["sizes"][str(size)] = {"thresholds": limits, "measured_false_alarm_rate": false_alarm_rate(null(size),
+                                                                                                       limits)}
     return out
 
 

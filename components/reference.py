@@ -10,8 +10,8 @@ profile of the data it was trained on:
 - val_distances.parquet: each val image's distance to the training data (below);
 - reference.json: the embedding model and the decoding it was fed (image size, params data.preprocess), the
   predicted class mix of the stack on val (predictions/stack/val.parquet), the out-of-distribution threshold, and
-  the drift thresholds per batch size calibrated on batches drawn from val (components.drift), with the
-  false-alarm rate they reach.
+  the drift thresholds per batch size calibrated on batches drawn from the held-out splits in
+  monitor.calibration_splits (components.drift), with the false-alarm rate they reach.
 
 A scan's distance to the training data is the mean Euclidean distance of its embedding to its monitor.ood_neighbours
 nearest training embeddings (scikit-learn NearestNeighbors). Val images are not trained on, so their distances are
@@ -117,26 +117,42 @@ def predicted_counts(predictions: pd.DataFrame, classes: list[str]) -> dict[str,
     return {c: int((winners == c).sum()) for c in classes}
 
 
-def calibrate_drift(params: Params, train_embeddings: np.ndarray, train_style: pd.DataFrame,
+def calibrate_drift(params: Params, extractor, train_embeddings: np.ndarray, train_style: pd.DataFrame,
                     class_mix: dict[str, float], ood_threshold: float, val: pd.DataFrame, val_embeddings: np.ndarray,
                     val_distances: np.ndarray, val_predictions: pd.DataFrame) -> dict:
-    """Drift thresholds per batch size, from batches of val scans (components.drift.calibrate)."""
-    from components.drift import BatchPool, calibrate
+    """Drift thresholds per batch size (components.drift.calibrate): the class mix from val batches (the stack
+    predicted val), the other checks from batches of every split in monitor.calibration_splits, pooled."""
+    from components.drift import CHECKS, BatchPool, calibrate
     from components.metrics import probability_columns
 
-    classes = params.data.classes
+    monitor, paths, classes = params.monitor, params.paths, params.data.classes
+    styles = read_styles(params)[["path", *STYLE_FEATURES]]
+
+    def pool(frame: pd.DataFrame, embeddings: np.ndarray, distances: np.ndarray, predicted) -> BatchPool:
+        style = frame[["path"]].merge(styles, on="path", how="left")
+        return BatchPool(train_embeddings, train_style, STYLE_FEATURES, class_mix, ood_threshold, embeddings, style,
+                         predicted, distances)
+
     by_path = val_predictions.set_index("path")
     predicted = np.asarray(classes)[by_path.loc[val.path, probability_columns(classes)].to_numpy().argmax(axis=1)]
-    val_style = val[["path"]].merge(read_styles(params)[["path", *STYLE_FEATURES]], on="path", how="left")
-    null = BatchPool(train_embeddings, train_style, STYLE_FEATURES, class_mix, ood_threshold, val_embeddings,
-                       val_style, predicted, val_distances)
-    monitor = params.monitor
-    log.info("calibrating drift thresholds on %d draws of val per batch size %s", monitor.calibration_draws,
-             monitor.calibration_sizes)
-    calibration = calibrate(null, monitor.calibration_sizes, monitor.calibration_draws, monitor.false_alarm_rate,
+    val_pool = pool(val, val_embeddings, val_distances, predicted)
+    frames, embeddings, distances = [val], [val_embeddings], [val_distances]
+    for split in (s for s in monitor.calibration_splits if s != "val"):
+        frame = pd.read_csv(paths.splits / f"{split}.csv")
+        split_embeddings = embed(extractor, frame.path.tolist(), params.data.preprocess, params.train.eval_batch_size)
+        frames.append(frame)
+        embeddings.append(split_embeddings)
+        distances.append(neighbour_distance(train_embeddings, split_embeddings, monitor.ood_neighbours))
+    pooled = pool(pd.concat(frames, ignore_index=True), np.concatenate(embeddings), np.concatenate(distances), None)
+    pools = {check: val_pool if check == "class-mix shift" else pooled for check in CHECKS}
+    log.info("calibrating drift thresholds on %d draws per batch size %s (%d scans of %s; class mix: %d of val)",
+             monitor.calibration_draws, monitor.calibration_sizes, len(pooled), "+".join(monitor.calibration_splits),
+             len(val_pool))
+    calibration = calibrate(pools, monitor.calibration_sizes, monitor.calibration_draws, monitor.false_alarm_rate,
                             params.seed)
+    calibration["splits"] = list(monitor.calibration_splits)
     for size, entry in calibration["sizes"].items():
-        log.info("batches of %s: false alarms on %.1f%% of %d further val batches (target %.1f%%)", size,
+        log.info("batches of %s: false alarms on %.1f%% of %d further batches (target %.1f%%)", size,
                  100 * entry["measured_false_alarm_rate"], monitor.calibration_draws, 100 * monitor.false_alarm_rate)
     return calibration
 
@@ -179,7 +195,7 @@ def build_reference(params: Params) -> dict:
     counts = predicted_counts(val_frame, params.data.classes)
     total = max(sum(counts.values()), 1)
     class_mix = {c: n / total for c, n in counts.items()}
-    calibration = calibrate_drift(params, train_embeddings, style[style.error.isna()], class_mix, threshold,
+    calibration = calibrate_drift(params, extractor, train_embeddings, style[style.error.isna()], class_mix, threshold,
                                   val, val_embeddings, distances, val_frame)
     meta = {
         "embedding_model": name,

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from components import tracking
-from components.drift import common_quantile_thresholds, false_alarm_rate, thresholds_at
+from components.drift import (CHECKS, BatchPool, calibrate, common_quantile_thresholds, false_alarm_rate,
+                              thresholds_at)
 from components.monitor import class_mix_shift, load_model, monitor_paths
 from components.reference import embedding_extractor, load_reference
 from components.style import STYLE_FEATURES
@@ -159,10 +160,13 @@ def test_the_reference_calibrates_every_size_and_records_the_false_alarm_rate_it
     calibration = load_reference(params.paths.reference).meta["calibration"]
     assert sorted(int(s) for s in calibration["sizes"]) == sorted(params.monitor.calibration_sizes)
     assert calibration["false_alarm_rate"] == params.monitor.false_alarm_rate
-    val = len(pd.read_csv(params.paths.splits / "val.csv"))
-    assert calibration["pool"] == val
+    held_out = {split: len(pd.read_csv(params.paths.splits / f"{split}.csv"))
+                for split in params.monitor.calibration_splits}
+    assert calibration["splits"] == params.monitor.calibration_splits
+    assert calibration["pool"]["class-mix shift"] == held_out["val"], "the class mix: val, which the stack predicted"
+    for check in ("embedding drift", "style drift", "OOD share"):
+        assert calibration["pool"][check] == sum(held_out.values())
     for size, entry in calibration["sizes"].items():
-        assert entry["with_replacement"] == (int(size) > val)
         assert set(entry["thresholds"]) == {"embedding drift", "style drift", "class-mix shift", "OOD share"}
         assert 0 <= entry["measured_false_alarm_rate"] <= 1
 
@@ -175,6 +179,39 @@ def test_common_quantile_thresholds_hold_the_false_alarm_rate_on_their_draws():
         assert false_alarm_rate(draws, limits) <= rate
         looser = {check: np.quantile(values, 1 - 2 * rate) for check, values in draws.items()}
         assert false_alarm_rate(draws, looser) > rate, "the bisection stops at the rate, not far inside it"
+
+
+def test_calibration_batches_carry_the_pools_own_sampling_error():
+    """A batch drawn from one finite pool shares the pool's offset; a fresh batch does not. The OOD share of
+    calibration draws must vary as a fresh batch's does over new pools (binomial at n, plus the pool's at N)."""
+    rng = np.random.default_rng(3)
+    share, size, pool_size = 0.05, 200, 400
+    distances = (rng.random(pool_size) < share).astype(float)  # 1: beyond the OOD threshold of 0.5
+    pool = BatchPool(np.zeros((4, 2)), pd.DataFrame(), [], {}, 0.5, np.zeros((pool_size, 2)), pd.DataFrame(),
+                     None, distances)
+    observed = distances.mean()
+    fresh_spread = np.sqrt(observed * (1 - observed) * (1 / size + 1 / pool_size))
+    calibrating = pool.null_draws(size, 2000, rng, ("OOD share",))["OOD share"].std()
+    arriving = pool.draws(size, 2000, rng, ("OOD share",))["OOD share"].std()
+    assert calibrating == pytest.approx(fresh_spread, rel=0.15)
+    assert arriving < 0.8 * calibrating, "without replacement from the pool, batches share its offset"
+
+
+def test_calibrate_draws_each_check_from_its_own_pool():
+    rng = np.random.default_rng(4)
+    small = BatchPool(np.zeros((4, 2)), pd.DataFrame(), [], {}, 0.5, np.zeros((50, 2)), pd.DataFrame(), None,
+                      (rng.random(50) < 0.5).astype(float))
+    calm = BatchPool(np.zeros((4, 2)), pd.DataFrame(), [], {}, 0.5, np.zeros((50, 2)), pd.DataFrame(), None,
+                     np.zeros(50))
+    with pytest.raises(ValueError, match="no calibration pool"):
+        calibrate({"OOD share": small}, [20], 20, 0.05, seed=0)
+    # Only the OOD share is asked of `small` and only zeros of `calm`: the thresholds show which pool served which.
+    pools = {check: calm for check in CHECKS} | {"OOD share": small}
+    calm.batch = lambda rows, checks=CHECKS: {check: 0.0 for check in checks}
+    calibration = calibrate(pools, [20], 40, 0.05, seed=0)
+    assert calibration["pool"] == {check: 50 for check in CHECKS}
+    assert calibration["sizes"]["20"]["thresholds"]["OOD share"] > 0.2
+    assert all(calibration["sizes"]["20"]["thresholds"][c] == 0.0 for c in CHECKS if c != "OOD share")
 
 
 def test_thresholds_between_calibrated_sizes_follow_one_over_root_n():
