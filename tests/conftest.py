@@ -139,6 +139,23 @@ def init_repo(work: Path) -> Path:
     return work
 
 
+def keep_models(repo: Path, models: list[str]) -> list[str]:
+    """Cut the repo's dvc.yaml to the trainings of `models`: the train matrix, and every stage's deps on the other
+    models' files; returns the override that makes the ensemble those models. For tests that need the whole chain
+    but not every architecture: DenseNet169 and ResNet50 weigh ~60-100 MB each at any image size, in every copy
+    and upload."""
+    import yaml
+
+    document = yaml.safe_load((repo / "dvc.yaml").read_text())
+    dropped = set(document["stages"]["train"]["matrix"]["model"]) - set(models)
+    document["stages"]["train"]["matrix"]["model"] = models
+    for stage in document["stages"].values():
+        stage["deps"] = [dep for dep in stage.get("deps", [])
+                         if not (isinstance(dep, str) and dropped & set(dep.split("/")))]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    return [f"stack.models=[{','.join(models)}]"]
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
     """A throwaway git + DVC repo holding this project's dvc.yaml and params.yaml; cwd is set to it."""
