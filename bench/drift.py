@@ -20,7 +20,6 @@ Usage (in the prepared workspace): python -m bench.drift [--sizes 20 60 200] [--
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path

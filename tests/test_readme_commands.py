@@ -1,6 +1,6 @@
 """The docs' `mlflow` commands, run as written (after the README's set-up export) in a trained tiny workspace: the
-UI (docs/pipeline.md) and the model server (docs/registry-serving.md) find the project's store, and nothing leaves a
-stray ./mlflow.db behind."""
+UI (docs/pipeline.md) and the model server (docs/registry-serving.md) find the project's store, nothing leaves a
+stray ./mlflow.db behind, and the served model answers as the registered model does in process."""
 
 import json
 import os
@@ -80,14 +80,37 @@ def test_mlflow_ui_as_written_reads_the_project_store(champion_workspace):
     assert not (champion_workspace / "mlflow.db").exists(), "the README's command left a stray ./mlflow.db"
 
 
-def test_mlflow_models_serve_and_curl_as_written_score_a_scan(champion_workspace):
+def test_mlflow_models_serve_and_curl_as_written_score_a_scan_as_the_process_does(champion_workspace):
+    """The docs' serve and curl commands as written; then the same server's answers for a few test scans, posted as
+    base64, equal this process's predict_paths on the same registered version."""
+    import base64
+
+    import numpy as np
+    import requests
+
+    from components.predict import predict_paths
+
     serve = readme_line("mlflow models serve ", "docs/registry-serving.md")
     curl = readme_line("curl ", "docs/registry-serving.md")
+    scans = [str(champion_workspace / p) for p in
+             pd.read_csv(champion_workspace / "data" / "splits" / "test.csv").path.iloc[:3]]
+    payload = {"dataframe_split": {"columns": ["image"],
+                                   "data": [[base64.b64encode(open(p, "rb").read()).decode()] for p in scans]}}
     with background(serve, champion_workspace) as server:
         wait_for("http://127.0.0.1:5001/ping", 420, server)
         done = subprocess.run(["bash", "-c", f"{SET_UP}\n{curl}"], cwd=champion_workspace, capture_output=True,
                               text=True, timeout=120)
+        answer = requests.post("http://127.0.0.1:5001/invocations", json=payload, timeout=120)
     predictions = json.loads(done.stdout)["predictions"]
     assert len(predictions) == 1 and predictions[0]["predicted_class"] in {"glioma", "meningioma", "notumor",
                                                                            "pituitary"}
     assert not (champion_workspace / "mlflow.db").exists()
+    assert answer.ok, answer.text
+    served = pd.DataFrame(answer.json()["predictions"])
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(f"sqlite:///{champion_workspace}/mlflow/mlflow.db"):  # restores the process's own after
+        local = predict_paths(scans, "models:/brain-tumor-ensemble@champion")
+    assert served.predicted_class.tolist() == local.predicted_class.tolist()
+    np.testing.assert_allclose(served.filter(like="prob_").to_numpy(), local.filter(like="prob_").to_numpy(),
+                               rtol=1e-5)

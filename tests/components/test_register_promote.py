@@ -1,16 +1,10 @@
 import base64
 import io
-import json
-import socket
-import subprocess
-import sys
-import time
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import requests
 from PIL import Image
 
 from components import tracking
@@ -147,45 +141,6 @@ def test_promote_dry_run_refusal_promotion_and_rollback(in_trained, capsys):
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == str(v1)
     run_register(params)
     assert promote(not_worse)["decision"] == "promoted"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_served_predictions_equal_in_process_ones(in_trained, ensemble):
-    params = tiny_params(in_trained, TRAINED_EXTRA)
-    uri = tracking.configure(params.tracking)
-    paths = pd.read_csv(in_trained / "data" / "splits" / "test.csv").path.iloc[:3].tolist()
-    payload = {"dataframe_split": {"columns": ["image"],
-                                   "data": [[base64.b64encode(open(p, "rb").read()).decode()] for p in paths]}}
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", CHALLENGER_URI, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)], cwd=in_trained, env={**__import__("os").environ,
-                                                                 "MLFLOW_TRACKING_URI": uri},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                assert server.poll() is None, "mlflow models serve exited"
-                time.sleep(1)
-        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=payload, timeout=120)
-        assert answer.ok, answer.text
-        served = pd.DataFrame(answer.json()["predictions"])
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    local = predict_paths(paths, CHALLENGER_URI)
-    assert served.predicted_class.tolist() == local.predicted_class.tolist()
-    np.testing.assert_allclose(served.filter(like="prob_").to_numpy(), local.filter(like="prob_").to_numpy(),
-                               rtol=1e-5)
 
 
 def test_a_smoke_run_is_marked_in_the_registry_and_can_never_become_champion(trained_copy, monkeypatch):
