@@ -294,13 +294,26 @@ def stack_cell(record: dict, cell: str, key: str) -> dict | None:
     return record.get("audit_cells", {}).get("stack", {}).get(cell, {}).get(key)
 
 
+def data_comparison(runs: dict[str, dict], seed: int, classes: list[str]) -> str:
+    """For every seed run on two or more data versions (this run's seed first): those runs side by side."""
+    compared = sorted({run["seed"] for run in runs.values()
+                       if sum(other["seed"] == run["seed"] for other in runs.values()) > 1},
+                      key=lambda s: (s != seed, s))
+    if not compared:
+        return "No seed has been run on two data versions so far."
+    return "\n\n".join(f"### seed {s}\n\n{data_table(runs, s, classes)}" for s in compared)
+
+
 def data_table(runs: dict[str, dict], seed: int, classes: list[str]) -> str:
-    """The runs of one seed on each data version side by side: what new data changed."""
+    """The runs of one seed on each data version side by side, with the commit each trained at and its training
+    time: what new data changed."""
     rows = {name: run for name, run in runs.items() if run["seed"] == seed}
-    if len(rows) < 2:
-        return f"Only one data version has been run with seed {seed} so far."
     names = list(rows)
-    lines = ["| | " + " | ".join(f"`{rows[n]['data']}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+    lines = ["| | " + " | ".join(f"`{rows[n]['data']}`" for n in names) + " |", "|---|" + "---|" * len(names),
+             "| trained at commit | " + " | ".join(f"`{str(rows[n].get('commit', '?'))[:7]}`" for n in names) + " |",
+             "| training minutes | " + " | ".join(
+                 f"{rows[n]['training_minutes']:.1f}" if rows[n].get("training_minutes") is not None else "–"
+                 for n in names) + " |"]
     for model in [*BASE_ROWS, "soft_vote", "stack"]:
         lines.append(f"| {model}, full test accuracy | " + " | ".join(
             _pct(rows[n]["evaluation"][model]["test"]["accuracy"]) if model in rows[n]["evaluation"] else "–"
@@ -761,11 +774,13 @@ Full-test accuracy of every run on this page's data (`{data}`) kept in `{setting
 
 {seeds_table(seeds)}
 
-## New data: the runs of seed {params.seed} on each data version
+## New data: the same seed on each data version
 
-The same code and seed on each data version kept in `{settings.runs_dir}`: what the data changed.
+The runs kept in `{settings.runs_dir}` of one seed on each data version: what the data changed, where the code (the
+commit each trained at) is the same. Training minutes depend on the machine (the CPU model is in each run's
+console, not in these files).
 
-{data_table(runs, params.seed, params.data.classes)}
+{data_comparison(runs, params.seed, params.data.classes)}
 
 ## Profile
 

@@ -34,7 +34,7 @@ def test_report_is_written_from_the_run_outputs(in_trained, tmp_path):
     record = json.loads((tmp_path / "runs" / f"kaggle-seed{params.seed}.json").read_text())
     assert record["evaluation"] == evaluation and record["data"] == "kaggle" and record["seed"] == params.seed
     assert "| stack: seeds within" in text and "one seed so far" in text
-    assert "Only one data version has been run with seed" in text
+    assert "No seed has been run on two data versions so far." in text
     weighting = text.split("## By MRI weighting", 1)[1].split("## Seeds", 1)[0]
     assert "### official test, by estimated weighting" in weighting and "### val, by source and weighting" in weighting
     assert "| kaggle T1-like | tumor sensitivity |" in weighting or "| kaggle T2-like | tumor sensitivity |" in weighting
@@ -44,6 +44,25 @@ def test_report_is_written_from_the_run_outputs(in_trained, tmp_path):
     for name in params.stack.models:  # one epoch each in the tiny run: its best epoch is its last
         line = next(line for line in text.splitlines() if line.startswith(f"- {name}: best val_accuracy"))
         assert "at epoch 1 of 1 (" in line and "still improving" in line
+
+
+def test_the_data_comparison_sets_each_seeds_runs_on_every_data_version_side_by_side():
+    from components.report import data_comparison
+
+    def run(data, seed, accuracy, commit):
+        return {"data": data, "seed": seed, "commit": commit, "training_minutes": 30.0 + seed - 42,
+                "evaluation": {"stack": {"test": {"accuracy": accuracy}}}}
+
+    runs = {"kaggle-seed42": run("kaggle", 42, 0.775, "4d96c0a00"), "new+kaggle-seed42": run("new+kaggle", 42,
+                                                                                              0.741, "4d96c0a00"),
+            "new+kaggle-seed43": run("new+kaggle", 43, 0.728, "c99e04000")}
+    text = data_comparison(runs, 43, ["glioma", "notumor"])
+    assert "### seed 42" in text and "### seed 43" not in text, "seed 43 has one data version: nothing to compare"
+    assert "| `kaggle` | `new+kaggle` |" in text and "| stack, full test accuracy | 77.5% | 74.1% |" in text
+    assert "| trained at commit | `4d96c0a` | `4d96c0a` |" in text
+    runs["kaggle-seed43"] = run("kaggle", 43, 0.70, "c99e04000")
+    both = data_comparison(runs, 43, ["glioma", "notumor"])
+    assert both.index("### seed 43") < both.index("### seed 42"), "this run's seed first"
 
 
 def test_a_curve_is_still_improving_when_its_best_epoch_is_at_the_end():
