@@ -327,7 +327,8 @@ def data_table(runs: dict[str, dict], seed: int, classes: list[str]) -> str:
         cells = sorted({c for n in names for c in rows[n]["external"].get(external, {})})
         for cell in cells:
             for key, words, _ in EXTERNAL_TARGETS:
-                values = [rows[n]["external"].get(external, {}).get(cell, {}).get(key) for n in names]
+                values = [rows[n]["external"].get(external, {}).get(cell, {}).get("stack", {}).get(key)
+                          for n in names]
                 if any(v and v.get("value") is not None for v in values):
                     lines.append(f"| `{external}` {cell}: stack {words} | "
                                  + " | ".join(proportion_text(v) if v and v.get("value") is not None else "–"

@@ -50,8 +50,10 @@ def test_the_data_comparison_sets_each_seeds_runs_on_every_data_version_side_by_
     from components.report import data_comparison
 
     def run(data, seed, accuracy, commit):
+        found = {"value": accuracy, "k": round(68 * accuracy), "n": 68}
         return {"data": data, "seed": seed, "commit": commit, "training_minutes": 30.0 + seed - 42,
-                "evaluation": {"stack": {"test": {"accuracy": accuracy}}}}
+                "evaluation": {"stack": {"test": {"accuracy": accuracy}}},
+                "external": {"external-dev": {"all": {"stack": {"tumor_sensitivity": found}}}}}
 
     runs = {"kaggle-seed42": run("kaggle", 42, 0.775, "4d96c0a00"), "new+kaggle-seed42": run("new+kaggle", 42,
                                                                                               0.741, "4d96c0a00"),
@@ -60,6 +62,7 @@ def test_the_data_comparison_sets_each_seeds_runs_on_every_data_version_side_by_
     assert "### seed 42" in text and "### seed 43" not in text, "seed 43 has one data version: nothing to compare"
     assert "| `kaggle` | `new+kaggle` |" in text and "| stack, full test accuracy | 77.5% | 74.1% |" in text
     assert "| trained at commit | `4d96c0a` | `4d96c0a` |" in text
+    assert "| `external-dev` all: stack tumor sensitivity | 77.5% (53/68" in text
     runs["kaggle-seed43"] = run("kaggle", 43, 0.70, "c99e04000")
     both = data_comparison(runs, 43, ["glioma", "notumor"])
     assert both.index("### seed 43") < both.index("### seed 42"), "this run's seed first"
