@@ -14,12 +14,14 @@ judges a folder. Pools:
 - every folder of ../shared/datasets other than the training set (another collection, as it comes).
 
 Results: bench/results/drift.json (rates with their counts, the CPU model), and the plot docs/monitoring/detection.png.
-Usage (in the prepared workspace): python -m bench.drift [--sizes 20 60 200] [--batches 100]
+Usage (in the prepared workspace): python -m bench.drift [--sizes 20 60 200] [--batches 100]; to judge the same
+batches by an earlier calibration too: [--calibration OLD/reference.json] [--pools "stack split"] [--out NAME.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -88,7 +90,8 @@ def score_pool(paths: list[str], scorer, extractor, reference, params) -> dict:
             "distances": neighbour_distance(reference.embeddings, embeddings, int(reference.meta["neighbours"]))}
 
 
-def rates(pool: dict, reference, sizes: list[int], batches: int, seed: int) -> list[dict]:
+def rates(pool: dict, reference, sizes: list[int], batches: int, seed: int, calibration: dict | None = None
+          ) -> list[dict]:
     """Share of `batches` batches of each size with a drift verdict (with replacement when the pool is smaller)."""
     from components.drift import CHECKS, BatchPool, thresholds_at
     from components.style import STYLE_FEATURES
@@ -98,7 +101,7 @@ def rates(pool: dict, reference, sizes: list[int], batches: int, seed: int) -> l
     rng = np.random.default_rng(seed)
     out = []
     for size in sizes:
-        limits = thresholds_at(reference.meta["calibration"], size)
+        limits = thresholds_at(calibration or reference.meta["calibration"], size)
         draws = scorer.draws(size, batches, rng)
         alarms = np.any([draws[c] > limits[c] for c in CHECKS], axis=0)
         out.append({"size": size, "batches": batches, "alarms": int(alarms.sum()), "rate": float(alarms.mean()),
@@ -135,6 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batches", type=int, default=100, help="batches drawn per pool and size")
     parser.add_argument("--shared", type=Path, default=Path("../shared/datasets"))
     parser.add_argument("--plot", type=Path, default=PLOT)
+    parser.add_argument("--out", default="drift.json", help="results file name under bench/results")
+    parser.add_argument("--pools", nargs="+", help="only the pools of these names (e.g. \"stack split\")")
+    parser.add_argument("--calibration", type=Path, help="a reference.json whose thresholds judge every batch (e.g. "
+                        "an earlier one, from a registered version's `reference` artifact) beside the workspace's")
     args = parser.parse_args(argv)
 
     from components.config import load_params
@@ -163,17 +170,28 @@ def main(argv: list[str] | None = None) -> dict:
             pools[folder.name] = (files, "another collection")
         results = {"machine": machine(), "date": now(), "model": what, "sizes": args.sizes, "batches": args.batches,
                    "false_alarm_rate": reference.meta["calibration"]["false_alarm_rate"], "pools": {}, "kinds": {}}
+        other = json.loads(args.calibration.read_text())["calibration"] if args.calibration else None
+        if other:
+            results |= {"other_calibration": str(args.calibration), "pools_other_calibration": {}}
         for index, (name, (paths, kind)) in enumerate(pools.items()):
+            if args.pools and name not in args.pools:
+                continue
             print(f"{name}: scoring {len(paths)} scans", flush=True)
             scored = score_pool(paths, scorer, extractor, reference, params)
             results["pools"][name] = rates(scored, reference, args.sizes, args.batches, params.seed + index)
+            if other:  # the same batches (the same seed), judged by the other calibration's thresholds
+                results["pools_other_calibration"][name] = rates(scored, reference, args.sizes, args.batches,
+                                                                 params.seed + index, other)
+                print("  other calibration: " + ", ".join(
+                    f"{r['size']} scans: {100 * r['rate']:.0f}%" for r in results["pools_other_calibration"][name]))
             results["kinds"][name] = kind
             print("  " + ", ".join(f"{r['size']} scans: {100 * r['rate']:.0f}% ({r['alarms']}/{r['batches']})"
                                    for r in results["pools"][name]), flush=True)
-            write_results("drift.json", results)
+            write_results(args.out, results)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"wrote {write_results('drift.json', results)} and {plot(results, args.plot)}")
+    written = write_results(args.out, results)
+    print(f"wrote {written}" + ("" if args.pools else f" and {plot(results, args.plot)}"))
     return results
 
 
