@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import configparser
+import functools
 import grp
 import logging
 import os
@@ -638,15 +639,21 @@ def _check_prefect_auth(services: ServicesParams, layout_: Layout, secrets_: Sec
 
 # ----------------------------------------------------------------------------------------------------- commands
 
-def _wait_ready(services: ServicesParams, layout_: Layout, pending: dict[str, object]) -> None:
-    """Wait until every started server answers its health check, or fail naming it, its log and the fix."""
+def _wait_ready(services: ServicesParams, layout_: Layout, pending: dict[str, object],
+                restart: dict[str, object] | None = None) -> None:
+    """Wait until every started server answers its health check, or fail naming it, its log and the fix. A server
+    in `restart` (one found running, so not started) that exits while awaited is started once: it was still dying
+    (e.g. just killed) when `up` looked."""
     deadline = time.monotonic() + services.startup_timeout
-    pending = dict(pending)
+    pending, restart = dict(pending), dict(restart or {})
     while pending:
         for service, ready in list(pending.items()):
             if ready(services):
                 logger.info("%s answers", NAMES[service])
                 del pending[service]
+            elif _running(layout_, service) is None and service in restart:
+                logger.info("%s exited before it answered (it was stopping); starting it", NAMES[service])
+                restart.pop(service)()
             elif _running(layout_, service) is None:
                 raise ServiceError(f"{NAMES[service]} exited while starting; log: {layout_.log(service)}\n"
                                    f"{_tail(layout_.log(service))}\n  fix the cause above, then {UP} again")
@@ -715,16 +722,18 @@ def up(params: Params) -> dict:
         result = {"postgres": _postgres_up(services, layout_)}
         starters = {"mlflow": _mlflow_start, "prefect": _prefect_start}
         readiness = {"mlflow": _mlflow_ready, "prefect": _prefect_ready}
-        pending = {}
+        pending, restart = {}, {}
         for service, pid in running.items():
+            start = functools.partial(starters[service], services, layout_, secrets_)
             if pid is None:
-                starters[service](services, layout_, secrets_)
+                start()
                 result[service] = "started"
             else:
                 logger.info("%s already running (pid %d)", NAMES[service], pid)
                 result[service] = "already running"
+                restart[service] = start
             pending[service] = readiness[service]
-        _wait_ready(services, layout_, pending)
+        _wait_ready(services, layout_, pending, restart)
         _check_admin(services, secrets_)
         _check_prefect_auth(services, layout_, secrets_)
     finally:

@@ -364,3 +364,23 @@ def test_zz_status_names_a_stopped_database_then_down_stops_all(team):
     again = team.cli("down")
     assert again.returncode == 0
     assert json.loads(again.stdout) == {"prefect": "not running", "mlflow": "not running", "postgres": "not running"}
+
+
+def test_a_server_found_running_that_exits_before_answering_is_started_again(tmp_path, monkeypatch):
+    """`up` right after a server was killed can still see its dying process: it waits for it, and when it is gone,
+    starts it instead of failing. A server `up` started itself that exits is an error naming its log."""
+    from types import SimpleNamespace
+
+    log = tmp_path / "mlflow.log"
+    log.write_text("Traceback: the reason it exited\n")
+    layout_ = SimpleNamespace(log=lambda service: log)
+    monkeypatch.setattr(svc, "_running", lambda layout_, service: None)  # the process is gone
+    services = SimpleNamespace(startup_timeout=30)
+    started = []
+    answers = iter([False, True])  # not while dying; then the new server answers
+    svc._wait_ready(services, layout_, {"mlflow": lambda _: next(answers)},
+                    restart={"mlflow": lambda: started.append("mlflow")})
+    assert started == ["mlflow"]
+    with pytest.raises(svc.ServiceError, match="exited while starting") as failure:
+        svc._wait_ready(services, layout_, {"mlflow": lambda _: False})
+    assert str(log) in str(failure.value) and "the reason it exited" in str(failure.value)
