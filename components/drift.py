@@ -20,10 +20,13 @@ most monitor.false_alarm_rate of those batches; as many further batches measure 
 
 The in-distribution batches come from the held-out splits in monitor.calibration_splits (never trained on), pooled;
 the class mix, which needs the stack's predictions, from val alone. A pool is a finite sample with its own offset
-from the training data, and a batch drawn from it without replacement shares that offset: calibrated on one split
-of 482 scans, the thresholds raised 14-48% false alarms on another held-out split (docs/monitoring.md). So each
-calibration batch of size n is drawn with replacement at the effective size n*N/(n+N) (N the pool's size): its
-statistics vary as much as a fresh batch's plus the pool's own sampling error, for a mean.
+from the training data, and a batch drawn from it shares that offset: calibrated on batches drawn without replacement
+from one split of 482 scans, the thresholds raised 14-48% false alarms on another held-out split
+(docs/monitoring.md). The pool's sampling unit is the group, not the scan: the split keeps near-duplicate groups and
+a source's stated groups whole (up to 36 slices of one case), so the splits differ in composition by whole groups.
+Each calibration batch is therefore a two-stage bootstrap: the pool's groups resampled with replacement (as many as
+it has: a pool as it could have come out), then the batch's scans drawn with replacement from those groups' rows.
+Its statistics vary as a fresh batch's do plus the pool's own sampling error by group, for a mean.
 
 A batch of another size uses thresholds interpolated linearly in 1/sqrt(size) between the nearest calibrated sizes
 (beyond the largest, the largest's: a higher threshold than its own, so no more false alarms).
@@ -67,9 +70,14 @@ def class_mix_distance(reference_share: dict[str, float], predicted: np.ndarray)
     return float(0.5 * np.abs(share - np.array([reference_share[c] for c in classes])).sum())
 
 
+def style_statistic(distances: dict[str, float]) -> float:
+    """The style check's statistic: the largest per-column distance (a style with no comparable column measures 0)."""
+    return max(distances.values(), default=0.0)
+
+
 def statistics(embedding: float, style: dict[str, float], mix: float, ood_share: float) -> dict[str, float]:
-    """The four statistics of a batch, by check name (a style with no comparable column measures 0)."""
-    return dict(zip(CHECKS, (embedding, max(style.values(), default=0.0), mix, ood_share)))
+    """The four statistics of a batch, by check name, from the per-column style distances."""
+    return dict(zip(CHECKS, (embedding, style_statistic(style), mix, ood_share)))
 
 
 def common_quantile_thresholds(draws: dict[str, np.ndarray], false_alarm_rate: float) -> dict[str, float]:
@@ -98,11 +106,13 @@ def false_alarm_rate(draws: dict[str, np.ndarray], limits: dict[str, float]) -> 
 class BatchPool:
     """In-distribution scans (each row: its embedding, style features, predicted class and distance to the training
     data) to draw batches from, scored against the training profile. `predicted` may be None for a pool that only
-    serves the checks without the class mix."""
+    serves the checks without the class mix; `groups` (one id per row, e.g. the splits' `group` column) are the
+    pool's sampling units for calibration, each row its own group when None."""
 
     def __init__(self, reference_embeddings: np.ndarray, reference_style: pd.DataFrame, style_columns: list[str],
                  reference_mix: dict[str, float], ood_threshold: float, embeddings: np.ndarray,
-                 style: pd.DataFrame, predicted: np.ndarray | None, distances: np.ndarray):
+                 style: pd.DataFrame, predicted: np.ndarray | None, distances: np.ndarray,
+                 groups: np.ndarray | None = None):
         self.mean = reference_embeddings.mean(axis=0)
         self.spread = reference_embeddings.std(axis=0) + 1e-8
         self.reference = (reference_embeddings - self.mean) / self.spread
@@ -111,6 +121,8 @@ class BatchPool:
         self.embeddings, self.style = (embeddings - self.mean) / self.spread, style.reset_index(drop=True)
         self.predicted = None if predicted is None else np.asarray(predicted)
         self.distances = np.asarray(distances)
+        codes = np.arange(len(self.distances)) if groups is None else pd.factorize(np.asarray(groups))[0]
+        self.group_rows = np.split(np.argsort(codes, kind="stable"), np.cumsum(np.bincount(codes))[:-1])
 
     def __len__(self) -> int:
         return len(self.distances)
@@ -119,8 +131,8 @@ class BatchPool:
         """The statistics in `checks` of the batch of these rows (only those: the embedding score fits a model)."""
         compute = {
             "embedding drift": lambda: embedding_score(self.reference, self.embeddings[rows]),
-            "style drift": lambda: max(style_distances(self.reference_style, self.style.iloc[rows],
-                                                       self.columns).values(), default=0.0),
+            "style drift": lambda: style_statistic(style_distances(self.reference_style, self.style.iloc[rows],
+                                                                   self.columns)),
             "class-mix shift": lambda: class_mix_distance(self.mix, self.predicted[rows]),
             "OOD share": lambda: float(np.mean(self.distances[rows] > self.ood_threshold)),
         }
@@ -135,10 +147,13 @@ class BatchPool:
 
     def null_draws(self, size: int, count: int, rng: np.random.Generator,
                    checks: tuple[str, ...] = CHECKS) -> dict[str, np.ndarray]:
-        """Like `draws`, for calibration: with replacement at the effective size size*N/(size+N), so the batches
-        carry the pool's own sampling error as well as their own (the module docstring)."""
-        effective = max(2, round(size * len(self) / (size + len(self))))
-        rows = [self.batch(rng.choice(len(self), effective, replace=True), checks) for _ in range(count)]
+        """Like `draws`, for calibration: each batch a two-stage bootstrap (the module docstring), the pool's groups
+        resampled with replacement, then `size` rows drawn with replacement from theirs."""
+        def batch_rows() -> np.ndarray:
+            picked = rng.integers(len(self.group_rows), size=len(self.group_rows))
+            return rng.choice(np.concatenate([self.group_rows[g] for g in picked]), size, replace=True)
+
+        rows = [self.batch(batch_rows(), checks) for _ in range(count)]
         return {check: np.array([row[check] for row in rows]) for check in checks}
 
 
@@ -162,7 +177,8 @@ def calibrate(pools: dict[str, BatchPool], sizes: list[int], draws: int, rate: f
         return out
 
     out = {"false_alarm_rate": rate, "draws": draws, "checks": list(CHECKS),
-           "pool": {check: len(pools[check]) for check in CHECKS}, "sizes": {}}
+           "pool": {check: len(pools[check]) for check in CHECKS},
+           "pool_groups": {check: len(pools[check].group_rows) for check in CHECKS}, "sizes": {}}
     for size in sorted(sizes):
         limits = common_quantile_thresholds(null(size), rate)
         out["sizes"][str(size)] = {"thresholds": limits, "measured_false_alarm_rate": false_alarm_rate(null(size),

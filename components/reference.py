@@ -121,7 +121,8 @@ def calibrate_drift(params: Params, extractor, train_embeddings: np.ndarray, tra
                     class_mix: dict[str, float], ood_threshold: float, val: pd.DataFrame, val_embeddings: np.ndarray,
                     val_distances: np.ndarray, val_predictions: pd.DataFrame) -> dict:
     """Drift thresholds per batch size (components.drift.calibrate): the class mix from val batches (the stack
-    predicted val), the other checks from batches of every split in monitor.calibration_splits, pooled."""
+    predicted val), the other checks from batches of every split in monitor.calibration_splits, pooled; each pool
+    resampled by the splits' duplicate groups (a split holds whole groups)."""
     from components.drift import CHECKS, BatchPool, calibrate
     from components.metrics import probability_columns
 
@@ -131,7 +132,7 @@ def calibrate_drift(params: Params, extractor, train_embeddings: np.ndarray, tra
     def pool(frame: pd.DataFrame, embeddings: np.ndarray, distances: np.ndarray, predicted) -> BatchPool:
         style = frame[["path"]].merge(styles, on="path", how="left")
         return BatchPool(train_embeddings, train_style, STYLE_FEATURES, class_mix, ood_threshold, embeddings, style,
-                         predicted, distances)
+                         predicted, distances, groups=frame.group.to_numpy())
 
     by_path = val_predictions.set_index("path")
     predicted = np.asarray(classes)[by_path.loc[val.path, probability_columns(classes)].to_numpy().argmax(axis=1)]
@@ -145,9 +146,9 @@ def calibrate_drift(params: Params, extractor, train_embeddings: np.ndarray, tra
         distances.append(neighbour_distance(train_embeddings, split_embeddings, monitor.ood_neighbours))
     pooled = pool(pd.concat(frames, ignore_index=True), np.concatenate(embeddings), np.concatenate(distances), None)
     pools = {check: val_pool if check == "class-mix shift" else pooled for check in CHECKS}
-    log.info("calibrating drift thresholds on %d draws per batch size %s (%d scans of %s; class mix: %d of val)",
-             monitor.calibration_draws, monitor.calibration_sizes, len(pooled), "+".join(monitor.calibration_splits),
-             len(val_pool))
+    log.info("calibrating drift thresholds on %d draws per batch size %s (%d scans in %d groups of %s; class mix: %d "
+             "of val)", monitor.calibration_draws, monitor.calibration_sizes, len(pooled), len(pooled.group_rows),
+             "+".join(monitor.calibration_splits), len(val_pool))
     calibration = calibrate(pools, monitor.calibration_sizes, monitor.calibration_draws, monitor.false_alarm_rate,
                             params.seed)
     calibration["splits"] = list(monitor.calibration_splits)

@@ -197,6 +197,23 @@ def test_calibration_batches_carry_the_pools_own_sampling_error():
     assert arriving < 0.8 * calibrating, "without replacement from the pool, batches share its offset"
 
 
+def test_calibration_resamples_whole_groups_so_clustered_pools_give_wider_thresholds():
+    """A pool of groups of 10 alike scans holds a tenth as many independent units: its own offset varies as a pool
+    of N/10 scans would, and calibration batches must carry that (binomial at n, plus the pool's at N/10)."""
+    rng = np.random.default_rng(5)
+    share, size, groups, group_size = 0.1, 60, 60, 10
+    beyond = np.repeat((rng.random(groups) < share).astype(float), group_size)  # every scan of a group alike
+    pool = BatchPool(np.zeros((4, 2)), pd.DataFrame(), [], {}, 0.5, np.zeros((len(beyond), 2)), pd.DataFrame(),
+                     None, beyond, groups=np.repeat(np.arange(groups), group_size))
+    observed = beyond.mean()
+    clustered_spread = np.sqrt(observed * (1 - observed) * (1 / size + 1 / groups))
+    calibrating = pool.null_draws(size, 2000, rng, ("OOD share",))["OOD share"].std()
+    assert calibrating == pytest.approx(clustered_spread, rel=0.15)
+    as_scans = BatchPool(np.zeros((4, 2)), pd.DataFrame(), [], {}, 0.5, np.zeros((len(beyond), 2)), pd.DataFrame(),
+                         None, beyond).null_draws(size, 2000, rng, ("OOD share",))["OOD share"].std()
+    assert as_scans < 0.8 * calibrating, "resampling scans, not groups, understates the pool's own offset"
+
+
 def test_calibrate_draws_each_check_from_its_own_pool():
     rng = np.random.default_rng(4)
     small = BatchPool(np.zeros((4, 2)), pd.DataFrame(), [], {}, 0.5, np.zeros((50, 2)), pd.DataFrame(), None,
