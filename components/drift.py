@@ -8,7 +8,10 @@ monitor on every incoming batch (components.monitor):
   ROC AUC of a classifier telling the batch's embeddings from the training ones (0.5: alike), on embeddings
   standardised by the training embeddings' mean and spread;
 - style: the largest normed Wasserstein distance (Evidently's `wasserstein` column test: the distance divided by the
-  reference's standard deviation) over the acquisition-style features of components.style;
+  reference's standard deviation) over the acquisition-style features of components.style, each feature first
+  mapped to its percentile among the training images (`percentile_ranks`): several features are ratios with a
+  long tail (inner_to_rim: median 1.0, maximum 87), so on raw values one extreme scan in a batch of 20 moved the
+  distance by more than a whole shift of the bulk did;
 - class mix: the total-variation distance between the stack's predicted class shares and its shares on val;
 - OOD share: the share of scans farther from the training embeddings than the profile's OOD threshold.
 
@@ -24,9 +27,10 @@ from the training data, and a batch drawn from it shares that offset: calibrated
 from one split of 482 scans, the thresholds raised 14-48% false alarms on another held-out split
 (docs/monitoring.md). The pool's sampling unit is the group, not the scan: the split keeps near-duplicate groups and
 a source's stated groups whole (up to 36 slices of one case), so the splits differ in composition by whole groups.
-Each calibration batch is therefore a two-stage bootstrap: the pool's groups resampled with replacement (as many as
-it has: a pool as it could have come out), then the batch's scans drawn with replacement from those groups' rows.
-Its statistics vary as a fresh batch's do plus the pool's own sampling error by group, for a mean.
+Each calibration batch is therefore a two-stage bootstrap: as many of the pool's groups as one held-out split holds,
+drawn with replacement (a set of scans as a split could have come out: its offset varies as a split's does), then
+the batch's scans drawn with replacement from those groups' rows. Its statistics vary as those of a batch drawn from
+a fresh split of that size do, for a mean.
 
 A batch of another size uses thresholds interpolated linearly in 1/sqrt(size) between the nearest calibrated sizes
 (beyond the largest, the largest's: a higher threshold than its own, so no more false alarms).
@@ -49,14 +53,34 @@ def embedding_score(reference: np.ndarray, batch: np.ndarray) -> float:
     return float(score)
 
 
+def percentile_ranks(reference: pd.Series, values: pd.Series) -> np.ndarray:
+    """Each value's mid-rank percentile among the reference's values (ties share the middle of their run, so equal
+    values on both sides map alike); NaN stays NaN."""
+    ordered = np.sort(reference.dropna().to_numpy())
+    values = values.to_numpy(dtype=float)
+    ranks = (np.searchsorted(ordered, values, "left") + np.searchsorted(ordered, values, "right")) / (2 * len(ordered))
+    return np.where(np.isnan(values), np.nan, ranks)
+
+
+def ranked_style(reference: pd.DataFrame, frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """`frame`'s style columns as percentiles of `reference`'s (columns the reference has no value in stay raw)."""
+    out = frame[columns].copy()
+    for column in columns:
+        if reference[column].notna().any():
+            out[column] = percentile_ranks(reference[column], frame[column])
+    return out
+
+
 def style_distances(reference: pd.DataFrame, batch: pd.DataFrame, columns: list[str]) -> dict[str, float]:
     """Per style column with values on both sides: the normed Wasserstein distance, as Evidently's `wasserstein`
-    column test computes it (scipy's distance divided by the reference's standard deviation, at least 0.001)."""
+    column test computes it (scipy's distance divided by the reference's standard deviation, at least 0.001), on the
+    columns' percentile ranks among the reference's values (the module docstring)."""
     from scipy.stats import wasserstein_distance
 
+    reference_ranks, batch_ranks = ranked_style(reference, reference, columns), ranked_style(reference, batch, columns)
     out = {}
     for column in columns:
-        ref, cur = reference[column].dropna().to_numpy(), batch[column].dropna().to_numpy()
+        ref, cur = reference_ranks[column].dropna().to_numpy(), batch_ranks[column].dropna().to_numpy()
         if len(ref) and len(cur):
             out[column] = float(wasserstein_distance(ref, cur) / max(float(np.std(ref)), 0.001))
     return out
@@ -107,12 +131,13 @@ class BatchPool:
     """In-distribution scans (each row: its embedding, style features, predicted class and distance to the training
     data) to draw batches from, scored against the training profile. `predicted` may be None for a pool that only
     serves the checks without the class mix; `groups` (one id per row, e.g. the splits' `group` column) are the
-    pool's sampling units for calibration, each row its own group when None."""
+    pool's sampling units for calibration, each row its own group when None, and `set_groups` how many of them make
+    one calibration set (None: all; a pool of k splits: a k-th of them)."""
 
     def __init__(self, reference_embeddings: np.ndarray, reference_style: pd.DataFrame, style_columns: list[str],
                  reference_mix: dict[str, float], ood_threshold: float, embeddings: np.ndarray,
                  style: pd.DataFrame, predicted: np.ndarray | None, distances: np.ndarray,
-                 groups: np.ndarray | None = None):
+                 groups: np.ndarray | None = None, set_groups: int | None = None):
         self.mean = reference_embeddings.mean(axis=0)
         self.spread = reference_embeddings.std(axis=0) + 1e-8
         self.reference = (reference_embeddings - self.mean) / self.spread
@@ -123,6 +148,7 @@ class BatchPool:
         self.distances = np.asarray(distances)
         codes = np.arange(len(self.distances)) if groups is None else pd.factorize(np.asarray(groups))[0]
         self.group_rows = np.split(np.argsort(codes, kind="stable"), np.cumsum(np.bincount(codes))[:-1])
+        self.set_groups = set_groups or len(self.group_rows)
 
     def __len__(self) -> int:
         return len(self.distances)
@@ -147,10 +173,10 @@ class BatchPool:
 
     def null_draws(self, size: int, count: int, rng: np.random.Generator,
                    checks: tuple[str, ...] = CHECKS) -> dict[str, np.ndarray]:
-        """Like `draws`, for calibration: each batch a two-stage bootstrap (the module docstring), the pool's groups
-        resampled with replacement, then `size` rows drawn with replacement from theirs."""
+        """Like `draws`, for calibration: each batch a two-stage bootstrap (the module docstring), `set_groups` of the
+        pool's groups drawn with replacement, then `size` rows drawn with replacement from theirs."""
         def batch_rows() -> np.ndarray:
-            picked = rng.integers(len(self.group_rows), size=len(self.group_rows))
+            picked = rng.integers(len(self.group_rows), size=self.set_groups)
             return rng.choice(np.concatenate([self.group_rows[g] for g in picked]), size, replace=True)
 
         rows = [self.batch(batch_rows(), checks) for _ in range(count)]
@@ -178,7 +204,8 @@ def calibrate(pools: dict[str, BatchPool], sizes: list[int], draws: int, rate: f
 
     out = {"false_alarm_rate": rate, "draws": draws, "checks": list(CHECKS),
            "pool": {check: len(pools[check]) for check in CHECKS},
-           "pool_groups": {check: len(pools[check].group_rows) for check in CHECKS}, "sizes": {}}
+           "pool_groups": {check: len(pools[check].group_rows) for check in CHECKS},
+           "set_groups": {check: pools[check].set_groups for check in CHECKS}, "sizes": {}}
     for size in sorted(sizes):
         limits = common_quantile_thresholds(null(size), rate)
         out["sizes"][str(size)] = {"thresholds": limits, "measured_false_alarm_rate": false_alarm_rate(null(size),

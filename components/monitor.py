@@ -47,6 +47,7 @@ from components.drift import (
     CHECKS,
     class_mix_distance,
     embedding_score,
+    ranked_style,
     statistics,
     style_distances,
     thresholds_at,
@@ -153,8 +154,10 @@ def drift_report(reference: Reference, embeddings: np.ndarray, style: pd.DataFra
     # Standardised by the training embeddings' mean and spread, as components.drift scores them.
     mean, spread = reference.embeddings.mean(axis=0), reference.embeddings.std(axis=0) + 1e-8
     reference_rows[columns] = (reference_rows[columns].to_numpy() - mean) / spread
+    # Style columns as percentiles of the training images' values, as components.drift scores them.
+    reference_rows[STYLE_FEATURES] = ranked_style(reference.style, reference_rows, STYLE_FEATURES)
     current_rows = pd.concat([pd.DataFrame((embeddings - mean) / spread, columns=columns),
-                              style[STYLE_FEATURES].reset_index(drop=True)], axis=1)
+                              ranked_style(reference.style, style, STYLE_FEATURES).reset_index(drop=True)], axis=1)
     compared = [c for c in STYLE_FEATURES if reference_rows[c].notna().any() and current_rows[c].notna().any()]
     left_out = [c for c in STYLE_FEATURES if c not in compared]
     definition = DataDefinition(numerical_columns=compared, embeddings={EMBEDDING_NAME: columns})

@@ -122,21 +122,22 @@ def calibrate_drift(params: Params, extractor, train_embeddings: np.ndarray, tra
                     val_distances: np.ndarray, val_predictions: pd.DataFrame) -> dict:
     """Drift thresholds per batch size (components.drift.calibrate): the class mix from val batches (the stack
     predicted val), the other checks from batches of every split in monitor.calibration_splits, pooled; each pool
-    resampled by the splits' duplicate groups (a split holds whole groups)."""
+    resampled by the splits' duplicate groups (a split holds whole groups), one split's worth of groups per set."""
     from components.drift import CHECKS, BatchPool, calibrate
     from components.metrics import probability_columns
 
     monitor, paths, classes = params.monitor, params.paths, params.data.classes
     styles = read_styles(params)[["path", *STYLE_FEATURES]]
 
-    def pool(frame: pd.DataFrame, embeddings: np.ndarray, distances: np.ndarray, predicted) -> BatchPool:
+    def pool(frame: pd.DataFrame, embeddings: np.ndarray, distances: np.ndarray, predicted, splits: int) -> BatchPool:
         style = frame[["path"]].merge(styles, on="path", how="left")
         return BatchPool(train_embeddings, train_style, STYLE_FEATURES, class_mix, ood_threshold, embeddings, style,
-                         predicted, distances, groups=frame.group.to_numpy())
+                         predicted, distances, groups=frame.group.to_numpy(),
+                         set_groups=max(1, round(frame.group.nunique() / splits)))
 
     by_path = val_predictions.set_index("path")
     predicted = np.asarray(classes)[by_path.loc[val.path, probability_columns(classes)].to_numpy().argmax(axis=1)]
-    val_pool = pool(val, val_embeddings, val_distances, predicted)
+    val_pool = pool(val, val_embeddings, val_distances, predicted, 1)
     frames, embeddings, distances = [val], [val_embeddings], [val_distances]
     for split in (s for s in monitor.calibration_splits if s != "val"):
         frame = pd.read_csv(paths.splits / f"{split}.csv")
@@ -144,7 +145,8 @@ def calibrate_drift(params: Params, extractor, train_embeddings: np.ndarray, tra
         frames.append(frame)
         embeddings.append(split_embeddings)
         distances.append(neighbour_distance(train_embeddings, split_embeddings, monitor.ood_neighbours))
-    pooled = pool(pd.concat(frames, ignore_index=True), np.concatenate(embeddings), np.concatenate(distances), None)
+    pooled = pool(pd.concat(frames, ignore_index=True), np.concatenate(embeddings), np.concatenate(distances), None,
+                  len(frames))
     pools = {check: val_pool if check == "class-mix shift" else pooled for check in CHECKS}
     log.info("calibrating drift thresholds on %d draws per batch size %s (%d scans in %d groups of %s; class mix: %d "
              "of val)", monitor.calibration_draws, monitor.calibration_sizes, len(pooled), len(pooled.group_rows),

@@ -13,7 +13,7 @@ import pytest
 
 from components import tracking
 from components.drift import (CHECKS, BatchPool, calibrate, common_quantile_thresholds, false_alarm_rate,
-                              thresholds_at)
+                              percentile_ranks, style_distances, thresholds_at)
 from components.monitor import class_mix_shift, load_model, monitor_paths
 from components.reference import embedding_extractor, load_reference
 from components.style import STYLE_FEATURES
@@ -179,6 +179,26 @@ def test_common_quantile_thresholds_hold_the_false_alarm_rate_on_their_draws():
         assert false_alarm_rate(draws, limits) <= rate
         looser = {check: np.quantile(values, 1 - 2 * rate) for check, values in draws.items()}
         assert false_alarm_rate(draws, looser) > rate, "the bisection stops at the rate, not far inside it"
+
+
+def test_one_extreme_scan_moves_the_style_distance_no_more_than_its_share_of_the_batch():
+    """On percentile ranks, a long-tailed ratio's one outlier in 20 scans moves the distance by at most 1/20 of the
+    rank range (in reference standard deviations); on raw values it moved it by more than a shift of the bulk."""
+    rng = np.random.default_rng(6)
+    reference = pd.DataFrame({"ratio": np.exp(rng.normal(0, 0.3, 2000)), "flag": rng.random(2000) < 0.5})
+    reference.loc[:4, "ratio"] = 80.0  # a long tail, as inner_to_rim has
+    reference["flag"] = reference.flag.astype(float)
+    batch = reference.sample(20, random_state=1).reset_index(drop=True)
+    batch.loc[:, "ratio"] = batch.ratio.clip(upper=5.0)
+    calm = style_distances(reference, batch, ["ratio", "flag"])
+    with_outlier = style_distances(reference, batch.assign(ratio=[200.0, *batch.ratio[1:]]), ["ratio", "flag"])
+    rank_spread = np.sqrt(1 / 12)  # a uniform percentile's standard deviation
+    assert with_outlier["ratio"] - calm["ratio"] <= 1 / 20 / rank_spread + 1e-9
+    shifted = style_distances(reference, batch.assign(ratio=batch.ratio * 1.5), ["ratio", "flag"])
+    assert shifted["ratio"] > with_outlier["ratio"], "a shift of the whole batch outweighs one extreme scan"
+    assert calm["flag"] == with_outlier["flag"], "columns are ranked on their own"
+    assert percentile_ranks(pd.Series([1.0, 1.0, 2.0, 3.0]), pd.Series([1.0, np.nan, 9.0])).tolist()[0] == 0.25
+    assert np.isnan(percentile_ranks(pd.Series([1.0, 2.0]), pd.Series([np.nan]))[0])
 
 
 def test_calibration_batches_carry_the_pools_own_sampling_error():
