@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import logging
 import os
@@ -283,11 +284,26 @@ def score_files(scorer, paths: list[str]) -> tuple[dict[str, np.ndarray], list[i
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}, scored, refused
 
 
+REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+LOADED_VERSIONS = 2  # registry versions kept loaded per process: a champion and a challenger
+
+
 def load_pyfunc(model_uri: str = DEFAULT_MODEL_URI):
     """mlflow.pyfunc.load_model, with an unset alias (e.g. @champion before any promotion) reworded as a user error
-    that says what to run."""
+    that says what to run. A registry version (models:/NAME/N, or an alias, resolved now to the version it names) is
+    loaded once per process: its artifacts never change, and batch_predict then its monitoring, or the gate's
+    champion and challenger on every promotion, would each load all four networks again."""
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        match = REGISTRY_URI.match(model_uri)
+        if match is None:
+            return mlflow.pyfunc.load_model(model_uri)
+        client = mlflow.MlflowClient()
+        version = (client.get_model_version(match["name"], match["version"]) if match["version"]
+                   else client.get_model_version_by_alias(match["name"], match["alias"]))
+        # The registry and the version's creation time key the cache: a model deleted and registered again
+        # numbers its versions from 1 anew.
+        return _load_version(f"models:/{version.name}/{version.version}", mlflow.get_registry_uri(),
+                             version.creation_timestamp)
     except MlflowException as exc:  # only an unset alias (e.g. @champion before any promotion) is reworded
         name, at, alias = model_uri.removeprefix("models:/").partition("@")
         if not (model_uri.startswith("models:/") and at and re.search(r"alias .*not found", str(exc), re.I)):
@@ -296,6 +312,12 @@ def load_pyfunc(model_uri: str = DEFAULT_MODEL_URI):
             f"{model_uri}: {name} has no @{alias} version yet. Run `braintumor promote` first (after "
             f"`braintumor register`), or pass --model-uri, e.g. models:/{name}@challenger or models:/{name}/1"
         ) from exc
+
+
+@functools.lru_cache(maxsize=LOADED_VERSIONS)
+def _load_version(version_uri: str, registry_uri: str, created: int):
+    """The pyfunc of one registry version; `registry_uri` and `created` key the cache only."""
+    return mlflow.pyfunc.load_model(version_uri)
 
 
 def predict_paths(paths: list[str], model_uri: str = DEFAULT_MODEL_URI) -> pd.DataFrame:

@@ -21,7 +21,7 @@ from PIL import Image, ImageEnhance
 import flows.cli as cli
 from components.config import ProjectError, load_params
 from components.external import detect_layout, run_external
-from components.predict import IMAGE_COLUMN, BadInput, Limits
+from components.predict import IMAGE_COLUMN, BadInput, Limits, load_pyfunc
 from tests.conftest import CLASSES, ROOT, class_image
 
 MODELS = ["a", "b", "soft_vote", "stack"]
@@ -355,7 +355,7 @@ def test_the_real_ensemble_of_the_trained_workspace_scores_as_its_parts_and_the_
         np.testing.assert_allclose([s["tumor_score"][name] for s in scans], expected, atol=1e-5)
         figure = reports["local"]["metrics"][name]["tumor_sensitivity"]
         assert (figure["k"], figure["n"]) == (int((expected[tumor] >= 0.5).sum()), int(tumor.sum()))
-    served = mlflow.pyfunc.load_model("models:/brain-tumor-ensemble@challenger").predict(
+    served = load_pyfunc("models:/brain-tumor-ensemble@challenger").predict(
         pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(p.read_bytes()).decode() for p in paths]}))
     np.testing.assert_allclose([s["tumor_score"]["stack"] for s in scans], 1 - served["prob_notumor"], atol=1e-5)
     assert reports["local"]["metrics"]["stack"]["accuracy"]["n"] == 8

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from components import tracking
-from components.predict import BadInput, predict_paths
+from components.predict import BadInput, load_pyfunc, predict_paths
 from components.promote import CHAMPION, PromotionError, promote, rollback
 from tests.conftest import TRAINED_EXTRA, tiny_params
 
@@ -26,7 +26,7 @@ def png_bytes(image: Image.Image) -> bytes:
 def ensemble(in_trained):
     params = tiny_params(in_trained, TRAINED_EXTRA)
     tracking.configure(params.tracking)
-    return mlflow.pyfunc.load_model(CHALLENGER_URI)
+    return load_pyfunc(CHALLENGER_URI)  # loaded once for these tests (a registry version is loaded once per process)
 
 
 def test_registry_holds_five_models_with_alias_tags_and_card(in_trained):
@@ -122,7 +122,11 @@ def test_promote_dry_run_refusal_promotion_and_rollback(in_trained, capsys):
     assert first["decision"] == "promoted"  # no champion: the floors alone decide
     v1 = client.get_model_version_by_alias(name, CHAMPION).version
 
+    # The gate loaded v1 once: a registry version is loaded once per process, under its alias or its number.
+    loaded_v1 = load_pyfunc(f"models:/{name}@{CHAMPION}")
+    assert load_pyfunc(f"models:/{name}/{v1}") is loaded_v1 is load_pyfunc(f"models:/{name}@challenger")
     run_register(params)  # a new challenger of the same quality: no significant gain on the gate split
+    assert load_pyfunc(f"models:/{name}@challenger") is not loaded_v1, "an alias is resolved on every load"
     refused = promote(keep)
     assert refused["decision"] == "refused"
     assert client.get_model_version_by_alias(name, CHAMPION).version == v1, "a refused model never becomes champion"
@@ -161,6 +165,8 @@ def test_a_smoke_run_is_marked_in_the_registry_and_can_never_become_champion(tra
     # The refused promotion moved nothing: @champion is what the trained workspace's flow left, never the smoke run.
     champion_after = client.get_registered_model("brain-tumor-ensemble").aliases.get("champion")
     assert champion_after == champion_before and str(champion_after) != str(version.version)
-    full = tiny_params(trained_copy, TRAINED_EXTRA)
-    run_register(full)
-    assert client.get_model_version_by_alias("brain-tumor-ensemble", "challenger").tags["smoke"] == "false"
+    # The flow's own registration (no tracking.smoke) is marked as a full run.
+    flows_own = [v.version for v in client.search_model_versions("name='brain-tumor-ensemble'")
+                 if v.version != version.version]
+    assert flows_own and all(client.get_model_version("brain-tumor-ensemble", v).tags["smoke"] == "false"
+                             for v in flows_own)
