@@ -8,6 +8,9 @@ EPYC against about 17 on a 2-core AMX Xeon, issue #24); re-measure it when a run
 Usage (from the project root, with ../shared beside it):
     python -m bench.suite                          # clones HEAD beside the repo, runs .ci/run there (about 30 min)
     python -m bench.suite --junit F --wall S       # records a `.ci/run` already made with --junitxml=F, S seconds
+    python -m bench.suite --junit F --wall S --commit REV --baseline-junit B --baseline-wall T --baseline-commit OLD
+                                                   # with a baseline run made beside it (same machine, same hour):
+                                                   # machines of one kind differ, so a change is judged against it
 Results: bench/results/suite.json.
 """
 
@@ -59,6 +62,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--junit", type=Path, help="junit XML of a finished `.ci/run`")
     parser.add_argument("--wall", type=float, help="that run's wall seconds (install included)")
+    parser.add_argument("--commit", help="the commit that run tested")
+    parser.add_argument("--baseline-junit", type=Path, help="junit XML of a `.ci/run` of an earlier commit, run beside it")
+    parser.add_argument("--baseline-wall", type=float, help="the baseline run's wall seconds")
+    parser.add_argument("--baseline-commit", help="the commit the baseline run tested")
     args = parser.parse_args()
     junit, wall = (args.junit, args.wall) if args.junit else run_ci()
     seconds, counts = file_seconds(junit)
@@ -71,11 +78,29 @@ def main() -> None:
         "goal_minutes": GOAL_MINUTES, "goal_met": estimate <= GOAL_MINUTES,
         "file_seconds": {name: round(value, 1) for name, value in seconds.items()},
     }
+    if args.commit:
+        results["commit"] = args.commit
+    if args.baseline_junit:
+        base_seconds, base_counts = file_seconds(args.baseline_junit)
+        results["baseline"] = {
+            "commit": args.baseline_commit, "wall_minutes": round(args.baseline_wall / 60, 1),
+            "test_minutes": round(sum(base_seconds.values()) / 60, 1), "counts": base_counts,
+            "file_seconds": {name: round(value, 1) for name, value in base_seconds.items()},
+            "change_seconds": {name: round(seconds.get(name, 0.0) - base_seconds.get(name, 0.0), 1)
+                               for name in sorted(set(seconds) | set(base_seconds),
+                                                  key=lambda n: seconds.get(n, 0.0) - base_seconds.get(n, 0.0))},
+        }
     path = write_results("suite.json", results)
     print(f"{machine()}: .ci/run {wall / 60:.1f} min ({tests / 60:.1f} min of tests; {counts}); "
           f"estimate on the slowest machine {estimate:.1f} min (goal {GOAL_MINUTES:g}) -> {path}")
     for name, value in list(seconds.items())[:10]:
         print(f"  {value:7.1f} s  {name}")
+    if args.baseline_junit:
+        base = results["baseline"]
+        print(f"baseline {base['commit']} beside it: .ci/run {base['wall_minutes']:.1f} min "
+              f"({base['test_minutes']:.1f} min of tests); largest changes per file:")
+        for name, change in [*base["change_seconds"].items()][:5]:
+            print(f"  {change:+7.1f} s  {name}")
 
 
 if __name__ == "__main__":

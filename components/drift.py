@@ -76,9 +76,15 @@ def style_distances(reference: pd.DataFrame, batch: pd.DataFrame, columns: list[
     """Per style column with values on both sides: the normed Wasserstein distance, as Evidently's `wasserstein`
     column test computes it (scipy's distance divided by the reference's standard deviation, at least 0.001), on the
     columns' percentile ranks among the reference's values (the module docstring)."""
+    return ranked_distances(ranked_style(reference, reference, columns), ranked_style(reference, batch, columns),
+                            columns)
+
+
+def ranked_distances(reference_ranks: pd.DataFrame, batch_ranks: pd.DataFrame, columns: list[str]
+                     ) -> dict[str, float]:
+    """style_distances on columns already ranked by `ranked_style` (calibration ranks its pool once)."""
     from scipy.stats import wasserstein_distance
 
-    reference_ranks, batch_ranks = ranked_style(reference, reference, columns), ranked_style(reference, batch, columns)
     out = {}
     for column in columns:
         ref, cur = reference_ranks[column].dropna().to_numpy(), batch_ranks[column].dropna().to_numpy()
@@ -142,9 +148,12 @@ class BatchPool:
         self.mean = reference_embeddings.mean(axis=0)
         self.spread = reference_embeddings.std(axis=0) + 1e-8
         self.reference = (reference_embeddings - self.mean) / self.spread
-        self.reference_style, self.columns = reference_style, style_columns
+        self.columns = style_columns
+        # Every row's style percentiles among the training images, ranked once for all draws.
+        self.reference_ranks = ranked_style(reference_style, reference_style, style_columns)
+        self.style_ranks = ranked_style(reference_style, style.reset_index(drop=True), style_columns)
         self.mix, self.ood_threshold = reference_mix, ood_threshold
-        self.embeddings, self.style = (embeddings - self.mean) / self.spread, style.reset_index(drop=True)
+        self.embeddings = (embeddings - self.mean) / self.spread
         self.predicted = None if predicted is None else np.asarray(predicted)
         self.distances = np.asarray(distances)
         codes = np.arange(len(self.distances)) if groups is None else pd.factorize(np.asarray(groups))[0]
@@ -158,8 +167,8 @@ class BatchPool:
         """The statistics in `checks` of the batch of these rows (only those: the embedding score fits a model)."""
         compute = {
             "embedding drift": lambda: embedding_score(self.reference, self.embeddings[rows]),
-            "style drift": lambda: style_statistic(style_distances(self.reference_style, self.style.iloc[rows],
-                                                                   self.columns)),
+            "style drift": lambda: style_statistic(ranked_distances(self.reference_ranks, self.style_ranks.iloc[rows],
+                                                                    self.columns)),
             "class-mix shift": lambda: class_mix_distance(self.mix, self.predicted[rows]),
             "OOD share": lambda: float(np.mean(self.distances[rows] > self.ood_threshold)),
         }
