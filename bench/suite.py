@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--junit", type=Path, help="junit XML of a finished `.ci/run`")
     parser.add_argument("--wall", type=float, help="that run's wall seconds (install included)")
     parser.add_argument("--commit", help="the commit that run tested")
-    parser.add_argument("--baseline-junit", type=Path, help="junit XML of a `.ci/run` of an earlier commit, run beside it")
+    parser.add_argument("--baseline-junit", type=Path,
+                        help="junit XML of a `.ci/run` of an earlier commit, run beside it")
     parser.add_argument("--baseline-wall", type=float, help="the baseline run's wall seconds")
     parser.add_argument("--baseline-commit", help="the commit the baseline run tested")
     args = parser.parse_args()

@@ -111,21 +111,18 @@ def statistics(embedding: float, style: dict[str, float], mix: float, ood_share:
     return dict(zip(CHECKS, (embedding, style_statistic(style), mix, ood_share)))
 
 
-def common_quantile_thresholds(draws: dict[str, np.ndarray], false_alarm_rate: float) -> dict[str, float]:
+def common_quantile_thresholds(draws: dict[str, np.ndarray], rate: float) -> dict[str, float]:
     """Thresholds at one upper quantile q of every check's null statistics: the smallest q at which at most
-    `false_alarm_rate` of the draws have any statistic above its threshold (bisection on q)."""
+    `rate` of the draws have any statistic above its threshold (bisection on q)."""
     def thresholds(q: float) -> dict[str, float]:
         return {check: float(np.quantile(values, q)) for check, values in draws.items()}
 
-    def alarms(limits: dict[str, float]) -> float:
-        return float(np.mean(np.any([draws[c] > limits[c] for c in draws], axis=0)))
-
-    low, high = 1.0 - false_alarm_rate, 1.0
-    if alarms(thresholds(low)) <= false_alarm_rate:
+    low, high = 1.0 - rate, 1.0
+    if false_alarm_rate(draws, thresholds(low)) <= rate:
         return thresholds(low)
     for _ in range(40):
         middle = (low + high) / 2
-        low, high = (low, middle) if alarms(thresholds(middle)) <= false_alarm_rate else (middle, high)
+        low, high = (low, middle) if false_alarm_rate(draws, thresholds(middle)) <= rate else (middle, high)
     return thresholds(high)
 
 
@@ -195,7 +192,8 @@ class BatchPool:
 
 def calibrate(pools: dict[str, BatchPool], sizes: list[int], draws: int, rate: float, seed: int) -> dict:
     """Thresholds per calibrated size (see the module docstring), set on 2 x `draws` batches, and the false-alarm
-    rate they reach, measured by cross-fitting (each half's thresholds on the other half). `pools` names, for each check of CHECKS, the pool its in-distribution batches come from; the
+    rate they reach, measured by cross-fitting (each half's thresholds on the other half). `pools` names, for each
+    check of CHECKS, the pool its in-distribution batches come from; the
     i-th draws of all checks make the i-th batch's verdict."""
     missing = set(CHECKS) - set(pools)
     if missing:
