@@ -44,6 +44,12 @@ def file_seconds(junit: Path) -> tuple[dict[str, float], dict[str, int]]:
     return dict(sorted(seconds.items(), key=lambda item: -item[1])), counts
 
 
+def pytest_command() -> str:
+    """The test command `.ci/run` runs (the README's): how many workers the wall time had."""
+    return next(line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line.startswith("python -m pytest"))
+
+
 def run_ci() -> tuple[Path, float]:
     """`.ci/run` on a fresh clone of HEAD beside the repo (CI's layout: ../shared next to it); (junit file, wall s)."""
     clone = Path(tempfile.mkdtemp(prefix=".suite-", dir=ROOT.parent))
@@ -73,7 +79,8 @@ def main() -> None:
     tests = sum(seconds.values())
     estimate = wall * SLOWEST_FACTOR / 60
     results = {
-        "date": now(), "machine": machine(), "wall_minutes": round(wall / 60, 1),
+        "date": now(), "machine": machine(), "command": pytest_command(), "wall_minutes": round(wall / 60, 1),
+        # summed over the tests: with pytest-xdist workers side by side, more than the wall time
         "test_minutes": round(tests / 60, 1), "counts": counts,
         "slowest_machine_factor": round(SLOWEST_FACTOR, 2), "slowest_machine_estimate_minutes": round(estimate, 1),
         "goal_minutes": GOAL_MINUTES, "goal_met": estimate <= GOAL_MINUTES,

@@ -194,7 +194,10 @@ def task_runner(params: Params):
     if params.flow.runner == "ray":
         from prefect_ray import RayTaskRunner
 
-        return RayTaskRunner(address=ray_address(params))
+        address = ray_address(params)
+        # With no address, ray.init() joins the cluster named in <ray tmp>/ray_current_cluster, which `ray start`
+        # leaves behind (even when that cluster is gone); "local" always starts the flow's own Ray.
+        return RayTaskRunner(address=address, init_kwargs={} if address else {"address": "local"})
     return ThreadPoolTaskRunner(max_workers=max(len(params.stack.models), 1))
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -190,15 +191,19 @@ def workspace(tmp_path, monkeypatch) -> Path:
     from components.manifest import write_manifest
     from components.split import write_splits
 
-    monkeypatch.chdir(tmp_path)
+    # A name never used before in this process: pytest deletes a passed test's tmp_path and may hand the same path
+    # to the next test, while MLflow keeps its connection to the deleted store (sqlite: "readonly database").
+    root = tmp_path / f"workspace-{uuid.uuid4().hex[:8]}"
+    root.mkdir()
+    monkeypatch.chdir(root)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
-    params = tiny_params(tmp_path)
-    write_tiny_dataset(tmp_path / params.paths.raw, {"Training": 12, "Testing": 4})
+    shutil.copy2(ROOT / "params.yaml", root / "params.yaml")
+    params = tiny_params(root)
+    write_tiny_dataset(root / params.paths.raw, {"Training": 12, "Testing": 4})
     write_manifest(params.paths.raw, params.paths.manifest, params.manifest)
     params.paths.quarantine.write_text("path,label,reason\n")
     write_splits(params.paths, params.split, params.seed)
-    return tmp_path
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -240,8 +245,10 @@ def trained_workspace(tmp_path_factory, prefect_harness):
     return root
 
 
+# monitor.calibration_sizes: the tests' batches hold 3 to 24 scans, and the tiny pool of held-out scans 17; sizes of
+# 60 to 200 would only cost the reference stage time (batches past the largest size take its thresholds).
 TRAINED_EXTRA = ["stack.time_budget=3", "evaluate.gradcam_examples=1", "promote.min_accuracy=0.0",
-                 "promote.min_class_sensitivity=0.0"]
+                 "promote.min_class_sensitivity=0.0", "monitor.calibration_sizes=[20,40]"]
 
 
 IMMUTABLE = (f"{os.sep}.dvc{os.sep}cache{os.sep}", f"{os.sep}mlflow{os.sep}artifacts{os.sep}")
@@ -276,12 +283,33 @@ def in_trained(trained_workspace, monkeypatch) -> Path:
 
 # Tests that train models, start servers or read the shared data: `pytest -m "not slow"` leaves them out.
 SLOW_FIXTURES = {"trained_workspace", "trained_copy", "in_trained", "workspace", "real_sample"}
+TRAINED_FIXTURES = {"trained_workspace", "trained_copy", "in_trained"}
+# The README's command runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): each xdist group stays
+# on one worker, and a test module without a group is one unit. This group holds every test of the trained workspace,
+# so that it is built once, and every test that starts Ray (their modules mark themselves): two Rays on one machine
+# could find each other (`ray.init()` joins the newest cluster it finds), so they run one after another.
+TRAINED_AND_RAY = pytest.mark.xdist_group("trained-workspace-and-ray")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+        if TRAINED_FIXTURES & fixtures:
+            item.add_marker(TRAINED_AND_RAY)
+
+
+def pytest_collection_finish(session):
+    """Under `--dist loadgroup` xdist carries an item's group in its node id (`...@group`); when a pytest release
+    breaks that (pytest-xdist #1386), the groups scatter silently and each worker builds the trained workspace."""
+    if not getattr(session.config.option, "loadgroup", False):  # set on xdist workers only
+        return
+    lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(f"pytest-xdist dropped the xdist_group of {len(lost)} tests (first: {lost[0]}): "
+                                "use the pytest that pyproject.toml's dev extra pins (`uv sync --extra dev`)")
 
 
 @pytest.fixture(scope="session")

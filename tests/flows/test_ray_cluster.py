@@ -20,7 +20,9 @@ import pytest
 import yaml
 
 from bench.cluster import BIN, Cluster, prepare_head_repo, reload_ray_auth, sh, wait_until
-from tests.conftest import ROOT, TRAINED_EXTRA, environment, tiny_overrides, write_tiny_dataset
+from tests.conftest import ROOT, TRAINED_AND_RAY, TRAINED_EXTRA, environment, tiny_overrides, write_tiny_dataset
+
+pytestmark = TRAINED_AND_RAY  # starts Ray: see tests/conftest.py
 
 MODELS = ["custom_cnn", "mobilenetv2"]
 

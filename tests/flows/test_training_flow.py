@@ -17,7 +17,9 @@ import flows.training as training
 from components.config import write_overrides
 from components.devices import DeviceSlots, process_env, resolve_gpus
 from flows.dvc_stages import ConcurrentRun, StageSpec, run_lock
-from tests.conftest import ROOT, tiny_params
+from tests.conftest import ROOT, TRAINED_AND_RAY, tiny_params
+
+pytestmark = TRAINED_AND_RAY  # starts Ray: see tests/conftest.py
 
 RECORDER = textwrap.dedent("""
     import json, os, sys, time
