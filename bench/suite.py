@@ -3,14 +3,19 @@ and the estimate for the slowest machine we run (a 2-core AVX2-only EPYC). CI ha
 45 minutes on that machine.
 
 The estimate multiplies by SLOWEST_FACTOR, measured on the same suite on both machine types (35.6 minutes on the
-EPYC against about 17 on a 2-core AMX Xeon, issue #24); re-measure it when a run on the EPYC is at hand.
+EPYC against about 17 on a 2-core AMX Xeon, issue #24); re-measure it when a run on the EPYC is at hand. It was
+measured with the suite on one process; on two pytest-xdist workers both machines use both their cores, and the
+waits that do not slow down with the CPU (servers starting, polling) are a larger share, so the factor is if anything
+high for that.
 
 Usage (from the project root, with ../shared beside it):
     python -m bench.suite                          # clones HEAD beside the repo, runs .ci/run there (about 30 min)
     python -m bench.suite --junit F --wall S       # records a `.ci/run` already made with --junitxml=F, S seconds
-    python -m bench.suite --junit F --wall S --commit REV --baseline-junit B --baseline-wall T --baseline-commit OLD
-                                                   # with a baseline run made beside it (same machine, same hour):
-                                                   # machines of one kind differ, so a change is judged against it
+    python -m bench.suite --junit F1 --wall S1 --junit F2 --wall S2 --commit REV \
+        --baseline-junit B --baseline-wall T --baseline-commit OLD
+                                                   # medians over runs, with a baseline run made beside them (same
+                                                   # machine, same hour): machines of one kind differ, so a change is
+                                                   # judged against it
 Results: bench/results/suite.json.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -64,49 +70,64 @@ def run_ci() -> tuple[Path, float]:
         shutil.rmtree(clone, ignore_errors=True)
 
 
+def runs_summary(junits: list[Path], walls: list[float]) -> dict:
+    """Medians over runs of one commit: the wall, and each test file's seconds; every run's wall and counts."""
+    per_run = [file_seconds(junit) for junit in junits]
+    names = sorted({name for seconds, _ in per_run for name in seconds})
+    seconds = {name: statistics.median(run.get(name, 0.0) for run, _ in per_run) for name in names}
+    return {
+        "wall_minutes": round(statistics.median(walls) / 60, 1),
+        # summed over the tests: with pytest-xdist workers side by side, more than the wall time
+        "test_minutes": round(sum(seconds.values()) / 60, 1),
+        "runs": [{"wall_minutes": round(wall / 60, 1), "counts": counts} for wall, (_, counts) in zip(walls, per_run)],
+        "file_seconds": {name: round(value, 1) for name, value in sorted(seconds.items(), key=lambda i: -i[1])},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--junit", type=Path, help="junit XML of a finished `.ci/run`")
-    parser.add_argument("--wall", type=float, help="that run's wall seconds (install included)")
-    parser.add_argument("--commit", help="the commit that run tested")
-    parser.add_argument("--baseline-junit", type=Path,
-                        help="junit XML of a `.ci/run` of an earlier commit, run beside it")
-    parser.add_argument("--baseline-wall", type=float, help="the baseline run's wall seconds")
-    parser.add_argument("--baseline-commit", help="the commit the baseline run tested")
+    parser.add_argument("--junit", type=Path, action="append", help="junit XML of a finished `.ci/run` (repeatable)")
+    parser.add_argument("--wall", type=float, action="append", help="that run's wall seconds, install included "
+                        "(one per --junit, in the same order)")
+    parser.add_argument("--commit", help="the commit those runs tested")
+    parser.add_argument("--baseline-junit", type=Path, action="append",
+                        help="junit XML of a `.ci/run` of an earlier commit, run beside them (repeatable)")
+    parser.add_argument("--baseline-wall", type=float, action="append", help="the baseline runs' wall seconds")
+    parser.add_argument("--baseline-commit", help="the commit the baseline runs tested")
     args = parser.parse_args()
-    junit, wall = (args.junit, args.wall) if args.junit else run_ci()
-    seconds, counts = file_seconds(junit)
-    tests = sum(seconds.values())
-    estimate = wall * SLOWEST_FACTOR / 60
+    if len(args.junit or []) != len(args.wall or []) or \
+            len(args.baseline_junit or []) != len(args.baseline_wall or []):
+        parser.error("give one --wall per --junit, and one --baseline-wall per --baseline-junit")
+    if args.junit:
+        junits, walls = args.junit, args.wall
+    else:
+        junit, wall = run_ci()
+        junits, walls = [junit], [wall]
+    summary = runs_summary(junits, walls)
+    estimate = summary["wall_minutes"] * SLOWEST_FACTOR
     results = {
-        "date": now(), "machine": machine(), "command": pytest_command(), "wall_minutes": round(wall / 60, 1),
-        # summed over the tests: with pytest-xdist workers side by side, more than the wall time
-        "test_minutes": round(tests / 60, 1), "counts": counts,
+        "date": now(), "machine": machine(), "command": pytest_command(), "commit": args.commit,
+        **{key: summary[key] for key in ("wall_minutes", "test_minutes", "runs")},
         "slowest_machine_factor": round(SLOWEST_FACTOR, 2), "slowest_machine_estimate_minutes": round(estimate, 1),
         "goal_minutes": GOAL_MINUTES, "goal_met": estimate <= GOAL_MINUTES,
-        "file_seconds": {name: round(value, 1) for name, value in seconds.items()},
+        "file_seconds": summary["file_seconds"],
     }
-    if args.commit:
-        results["commit"] = args.commit
     if args.baseline_junit:
-        base_seconds, base_counts = file_seconds(args.baseline_junit)
-        results["baseline"] = {
-            "commit": args.baseline_commit, "wall_minutes": round(args.baseline_wall / 60, 1),
-            "test_minutes": round(sum(base_seconds.values()) / 60, 1), "counts": base_counts,
-            "file_seconds": {name: round(value, 1) for name, value in base_seconds.items()},
-            "change_seconds": {name: round(seconds.get(name, 0.0) - base_seconds.get(name, 0.0), 1)
-                               for name in sorted(set(seconds) | set(base_seconds),
-                                                  key=lambda n: seconds.get(n, 0.0) - base_seconds.get(n, 0.0))},
-        }
+        base = runs_summary(args.baseline_junit, args.baseline_wall)
+        results["baseline"] = {"commit": args.baseline_commit, **base, "change_seconds": {
+            name: round(results["file_seconds"].get(name, 0.0) - base["file_seconds"].get(name, 0.0), 1)
+            for name in sorted(set(results["file_seconds"]) | set(base["file_seconds"]),
+                               key=lambda n: results["file_seconds"].get(n, 0.0) - base["file_seconds"].get(n, 0.0))}}
     path = write_results("suite.json", results)
-    print(f"{machine()}: .ci/run {wall / 60:.1f} min ({tests / 60:.1f} min of tests; {counts}); "
-          f"estimate on the slowest machine {estimate:.1f} min (goal {GOAL_MINUTES:g}) -> {path}")
-    for name, value in list(seconds.items())[:10]:
+    print(f"{machine()}: .ci/run median {summary['wall_minutes']:.1f} min over {len(walls)} run(s) "
+          f"{[run['wall_minutes'] for run in summary['runs']]}; estimate on the slowest machine {estimate:.1f} min "
+          f"(goal {GOAL_MINUTES:g}) -> {path}")
+    for name, value in list(summary["file_seconds"].items())[:10]:
         print(f"  {value:7.1f} s  {name}")
     if args.baseline_junit:
         base = results["baseline"]
-        print(f"baseline {base['commit']} beside it: .ci/run {base['wall_minutes']:.1f} min "
-              f"({base['test_minutes']:.1f} min of tests); largest changes per file:")
+        print(f"baseline {base['commit']} beside them: .ci/run median {base['wall_minutes']:.1f} min "
+              f"{[run['wall_minutes'] for run in base['runs']]}; largest changes per file (medians):")
         for name, change in [*base["change_seconds"].items()][:5]:
             print(f"  {change:+7.1f} s  {name}")
 
