@@ -23,12 +23,14 @@ def where_am_i() -> int:
 def stale_ray_cluster(monkeypatch):
     """Ray's temp dir naming a cluster that `ray start` left behind and that is long gone."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    (ray_tmp / "ray_current_cluster").write_text("127.0.0.1:9\n")
+    (ray_tmp / "ray").mkdir()  # Ray's own folder under RAY_TMPDIR
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
     yield ray_tmp
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.mark.timeout(300)  # joining the stale cluster would wait for its GCS until this fails (about 30 s otherwise)
 def test_ray_runner_runs_tasks_in_ray_workers(prefect_harness, monkeypatch, stale_ray_cluster):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # no address: the flow starts its own Ray, whatever Ray finds
     params = tiny_params(ROOT, ["flow.runner=ray"])
