@@ -286,8 +286,8 @@ SLOW_FIXTURES = {"trained_workspace", "trained_copy", "in_trained", "workspace",
 TRAINED_FIXTURES = {"trained_workspace", "trained_copy", "in_trained"}
 # The README's command runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): each xdist group stays
 # on one worker, and a test module without a group is one unit. This group holds every test of the trained workspace,
-# so that it is built once, and every test that starts Ray (their modules mark themselves): two Rays on one machine
-# could find each other (`ray.init()` joins the newest cluster it finds), so they run one after another.
+# so that it is built once, and every test that starts Ray (their modules mark themselves): the one-machine cluster's
+# teardown runs `ray stop --force`, which stops every Ray on the machine, so they run one after another.
 TRAINED_AND_RAY = pytest.mark.xdist_group("trained-workspace-and-ray")
 
 
