@@ -282,8 +282,8 @@ def in_trained(trained_workspace, monkeypatch) -> Path:
 
 
 # Tests that train models, start servers or read the shared data: `pytest -m "not slow"` leaves them out.
-SLOW_FIXTURES = {"trained_workspace", "trained_copy", "in_trained", "workspace", "real_sample"}
 TRAINED_FIXTURES = {"trained_workspace", "trained_copy", "in_trained"}
+SLOW_FIXTURES = TRAINED_FIXTURES | {"workspace", "real_sample"}
 # The README's command runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): each xdist group stays
 # on one worker, and a test module without a group is one unit. This group holds every test of the trained workspace,
 # so that it is built once, and every test that starts Ray (their modules mark themselves): the one-machine cluster's
